@@ -1,0 +1,1 @@
+"""Theory: statements, bound calculators, and the experiments that regenerate figures/."""
