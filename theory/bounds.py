@@ -68,8 +68,9 @@ def offline_bound(N, *, d: int, B: float, L_x: float, delta: float, concentrabil
     """Theorem 1 (estimands 1 and 3): sqrt((8 zeta_N / gamma + 4 lam B^2) * C / N).
 
     `concentrability` is C = N u^T (Sigma_N + lam I)^{-1} u for the estimand's
-    direction u (Definition 1).  It is capped by B L_x, the largest possible
-    return difference theta^T (v - v') <= B * 2L (L = L_x / 2).
+    direction u (Definition 1).  The bound is capped at B L_x, the largest possible
+    return difference theta^T (v - v') <= B * 2L (L = L_x / 2); that cap is valid for
+    estimands 1 and 2, and for the width only when ||u|| <= L_x / 2 (the callers check).
     """
     _check_positive(concentrability=concentrability, lam=lam)
     N = np.asarray(N, dtype=float)
@@ -124,17 +125,25 @@ def pessimistic_regret_bound(T, *, B: float, L_x: float, delta: float):
 
     a union bound over rounds of the estimation error of v_hat_E from t teacher samples.
     """
-    _check_positive(B=B, L_x=L_x)
+    _check_positive(B=B, L_x=L_x, T=T)
     _check_delta(delta)
-    T = np.atleast_1d(np.asarray(T, dtype=int))
+    scalar = np.ndim(T) == 0
+    T = np.atleast_1d(np.asarray(T))
+    if not np.all(T == np.round(T)):
+        raise ValueError(f"T must be whole numbers of rounds, got {T!r}; this bound is a sum over rounds")
+    T = T.astype(int)
     t = np.arange(1, int(T.max()) + 1, dtype=float)
     per_round = 2.0 * B * (L_x / 2.0) * (1.0 + np.sqrt(2.0 * np.log(2.0 * t * (t + 1.0) / delta))) / np.sqrt(t)
     cumulative = np.cumsum(np.minimum(per_round, B * L_x))
-    return cumulative[T - 1]
+    return float(cumulative[T[0] - 1]) if scalar else cumulative[T - 1]
 
 
 def local_slope(bound_fn, x: float, rel_step: float = 1e-4, **kwargs) -> float:
-    """d log(bound) / d log(x) at x, by a central difference in log space."""
+    """d log(bound) / d log(x) at x, by a central difference in log space.
+
+    For bounds of a continuous argument; a sum over whole rounds
+    (`pessimistic_regret_bound`) needs integer neighbours instead (theory.common.curve_slope).
+    """
     _check_positive(x=x)
     lo, hi = x * (1.0 - rel_step), x * (1.0 + rel_step)
     return float((np.log(bound_fn(hi, **kwargs)) - np.log(bound_fn(lo, **kwargs))) / (np.log(hi) - np.log(lo)))

@@ -1,0 +1,231 @@
+"""The theory experiments in quick mode: their checks (issue 3, item 6) and their JSON twins.
+
+Each experiment of `theory/` runs once per test session in `--quick` mode into a temporary
+directory (spec tabular.md section 5). The tests then
+
+- assert every check recorded in the JSON (measured <= bound in >= 1 - delta of seeds at every
+  grid point, fitted slope CI upper end <= bound slope + 0.05, bracketing coverage >= 1 - delta,
+  regret below its bound and regret / rate not growing, certified solvers);
+- recompute the headline checks from the per-seed numbers in the JSON, independently of the code
+  that wrote them;
+- check the JSON schema: the protocol record (seeds, delta, B, L_x, radius formula, solver,
+  tolerances, largest certificate gap) and, per experiment, grids, per-seed values, means and bands.
+
+Also the protocol helpers of `theory/common.py` on hand-made data.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from scipy.stats import beta
+
+from theory import bound_vs_n, common, coverage, methods, regret
+
+MODULES = {"bound_vs_n": bound_vs_n, "coverage": coverage, "regret": regret, "methods": methods}
+
+
+@pytest.fixture(scope="module")
+def quick_runs(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("figures")
+    records = {}
+    for name, module in MODULES.items():
+        config = common.RunConfig(quick=True, out_dir=out_dir, n_seeds=module.QUICK_SEEDS, progress=False,
+                                  workers=common.default_workers())
+        module.run(config)
+        records[name] = json.loads((out_dir / f"{name}.json").read_text())
+    return out_dir, records
+
+
+@pytest.mark.parametrize("name", list(MODULES))
+def test_quick_run_checks_pass(quick_runs, name):
+    _, records = quick_runs
+    record = records[name]
+    assert record["checks"], f"{name} recorded no checks"
+    failed = {key: check for key, check in record["checks"].items() if check.get("passed") is not True}
+    assert not failed, f"{name}: checks not passed: {json.dumps(failed, indent=1)[:3000]}"
+    assert record["all_checks_passed"] is True
+
+
+@pytest.mark.parametrize("name", list(MODULES))
+def test_json_protocol_record(quick_runs, name):
+    out_dir, records = quick_runs
+    record = records[name]
+    for key in common.REQUIRED_KEYS:
+        assert key in record, f"{name}.json lacks {key}"
+    assert record["experiment"] == name and record["mode"] == "quick"
+    assert record["n_seeds"] == len(record["seeds"]) == len(set(record["seeds"])) == MODULES[name].QUICK_SEEDS
+    assert 0 < record["delta"] < 1 and record["B"] > 0 and record["L_x"] > 0
+    assert "formula" in json.dumps(record["radius"]) or "zeta" in json.dumps(record["radius"])
+    assert "tol" in record["solver"]
+    assert 0 <= record["max_certificate_gap"] <= 1e-4
+    assert record["runtime_s"] > 0
+    png = (out_dir / f"{name}.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+
+
+def _mean_band(entry, K, P):
+    per_seed = np.asarray(entry["per_seed"], dtype=float)
+    assert per_seed.shape == (K, P)
+    mean = np.asarray(entry["mean"])
+    np.testing.assert_allclose(mean, per_seed.mean(axis=0), rtol=1e-12, atol=1e-15)
+    assert np.all(np.asarray(entry["band_lo"]) <= mean + 1e-12) and np.all(mean <= np.asarray(entry["band_hi"]) + 1e-12)
+    return per_seed
+
+
+def test_bound_vs_n_recomputed(quick_runs):
+    record = quick_runs[1]["bound_vs_n"]
+    K, delta = record["n_seeds"], record["delta"]
+    for family, res in record["results"].items():
+        grid = np.asarray(record["grid"][family], dtype=float)
+        assert np.all(np.diff(np.log(grid)) > 0)
+        P = grid.size
+        subopt = _mean_band(res["subopt"], K, P)
+        width = _mean_band(res["width"], K, P)
+        bound = np.asarray(res["bound_design"]["per_seed"])
+        assert np.all(subopt >= -1e-9), "SubOpt against pi* cannot be negative"
+        # measured <= bound in >= 1 - delta of seeds at every N, recomputed from the per-seed numbers
+        assert np.all((subopt <= bound).mean(axis=0) >= 1 - delta)
+        assert np.all((width <= bound).mean(axis=0) >= 1 - delta)
+        assert np.all((subopt <= width + 1e-6).mean(axis=0) >= 1 - delta)  # event bound of Theorem 1.1
+        # the population bound curve is Theorem 1 with C_pop
+        expected = [min(float(np.sqrt((8 * z / g + 4 * record["lam"] * record["B"] ** 2) * c / n)),
+                        record["B"] * record["L_x"])
+                    for z, g, c, n in zip(1 + record["instances"][family]["d"] * np.log1p(2 * record["B"] * record["L_x"] * grid)
+                                          + np.log(1 / delta),
+                                          [common_gamma(record)] * P, res["C_pop"], grid)]
+        np.testing.assert_allclose(res["bound_population"], expected, rtol=1e-10)
+        for key in ("subopt", "width") + (("teacher_gap",) if "teacher_gap" in res else ()):
+            fit = res[key]["fit"]
+            assert fit["slope"] is not None, f"{family}/{key}: {fit['reason']}"
+            assert fit["ci"][0] <= fit["slope"] <= fit["ci"][1]
+            assert fit["ci"][1] <= res[key]["bound_curve_slope_on_fit_points"] + common.SLOPE_TOLERANCE
+        assert np.all(np.asarray(res["coverage"]) >= 1 - delta)
+        assert res["width_cap"]["cap_valid_for_width"]  # the calculator's B L_x cap bounds w_N(u) here
+
+
+def common_gamma(record):
+    s = 1.0 / (1.0 + np.exp(-record["B"] * record["L_x"]))
+    return s * (1 - s)
+
+
+def test_coverage_recomputed(quick_runs):
+    record = quick_runs[1]["coverage"]
+    delta = record["delta"]
+    for family, res in record["results"].items():
+        for kind, r in res["radii"].items():
+            hits = np.asarray(r["covered_per_seed"], dtype=bool)
+            assert hits.shape == (record["n_seeds"], len(record["grid"][family]))
+            np.testing.assert_allclose(r["frequency"], hits.mean(axis=0))
+            for k, (lo, hi) in zip(hits.sum(axis=0), r["clopper_pearson_95"]):
+                assert lo <= k / hits.shape[0] <= hi
+                if 0 < k < hits.shape[0]:
+                    assert lo == pytest.approx(beta.ppf(0.025, k, hits.shape[0] - k + 1))
+        assert np.all(np.asarray(res["radii"]["bracketing"]["frequency"]) >= 1 - delta)
+        # the bracketing radius is the largest: it covers whenever chi2 does
+        assert np.all(np.asarray(res["radii"]["bracketing"]["covered_per_seed"])
+                      >= np.asarray(res["radii"]["chi2"]["covered_per_seed"]))
+
+
+def test_regret_recomputed(quick_runs):
+    record = quick_runs[1]["regret"]
+    K, delta = record["n_seeds"], record["delta"]
+    for student, res in record["results"].items():
+        grid = np.asarray(res["grid"])
+        R = _mean_band(res, K, grid.size)
+        # both references are optimal (pi* for the optimistic student, the teacher pi_E = pi* for the
+        # pessimistic one), so every per-round regret is >= 0 and R_T is nondecreasing
+        assert np.all(R >= -1e-9) and np.all(np.diff(R, axis=1) >= -1e-9)
+        assert np.all((R <= np.asarray(res["bound"])).mean(axis=0) >= 1 - delta)
+        ratio = np.asarray(res["regret_over_rate"]["per_seed"])
+        np.testing.assert_allclose(ratio, R / np.asarray(res["rate"]), rtol=1e-12)
+        fit = res["regret_over_rate"]["fit"]
+        assert fit["slope"] is not None and fit["ci"][1] <= 0.0
+        potential = np.asarray(res["elliptical_potential"]["mean"])
+        assert np.all(potential <= np.asarray(res["elliptical_potential"]["lemma_4_bound"]) + 1e-9)
+
+
+def test_methods_recomputed(quick_runs):
+    record = quick_runs[1]["methods"]
+    K = record["n_seeds"]
+    for family, res in record["results"].items():
+        P = len(record["grid"][family])
+        assert set(res["methods"]) == set(methods.METHODS)
+        for name, method in res["methods"].items():
+            subopt = _mean_band(method["subopt"], K, P)
+            gap = _mean_band(method["teacher_gap"], K, P)
+            assert np.all(subopt >= -1e-9), f"{name}: J above J(pi*)"
+            np.testing.assert_allclose(subopt - gap, res["J_star"] - res["J_teacher"], atol=1e-12)
+        # psi = successor features: phi_Q = phi, the same program, so the same min-max value (the argmin
+        # policies may differ among tol-optimal solutions, hence no assertion on their returns)
+        check = record["checks"][f"{family}/mm_pbkd_successor_equals_pbkd"]
+        assert check["max_value_difference"] <= 10 * record["solver"]["tol"]
+        ball = np.asarray(res["methods"]["ball_moment_matching"]["subopt"]["per_seed"])
+        assert np.ptp(ball) <= 1e-9  # uses no data
+
+
+# ----------------------------------------------------------------------------- protocol helpers
+
+
+def test_geometric_grid():
+    grid = common.geometric_grid(10, 1000, 5)
+    np.testing.assert_array_equal(grid, [10, 32, 100, 316, 1000])
+    with pytest.raises(ValueError, match="repeated"):
+        common.geometric_grid(1, 3, 10)
+    with pytest.raises(ValueError, match="lo < hi"):
+        common.geometric_grid(10, 5, 3)
+
+
+def test_fit_loglog_slope_recovers_power_law():
+    rng = np.random.default_rng(0)
+    x = np.geomspace(100, 10_000, 6)
+    values = 3.0 * x ** -0.5 * np.exp(0.05 * rng.standard_normal((30, 6)))
+    fit = common.fit_loglog_slope(x, values, rng=rng, n_boot=500)
+    assert fit.slope == pytest.approx(-0.5, abs=0.02)
+    assert fit.ci[0] < -0.5 < fit.ci[1] and fit.ci[1] - fit.ci[0] < 0.05
+    check = common.slope_check(fit, -0.45, what="synthetic")
+    assert check["passed"]
+    assert not common.slope_check(fit, -0.6, what="synthetic")["passed"]
+
+
+def test_fit_loglog_slope_with_zeros():
+    """Exact zeros (action gaps) are left out of the fit, and said so; too few points: no slope."""
+    rng = np.random.default_rng(1)
+    x = np.geomspace(10, 1e5, 5)
+    values = np.tile(x ** -1.0, (20, 1))
+    values[:, 3:] = 0.0
+    fit = common.fit_loglog_slope(x, values, rng=rng, n_boot=200)
+    assert fit.used == [True, True, True, False, False] and fit.slope == pytest.approx(-1.0)
+    values[:, 2:] = 0.0
+    fit = common.fit_loglog_slope(x, values, rng=rng, n_boot=200)
+    assert fit.slope is None and "exactly 0" in fit.reason
+    assert common.slope_check(fit, -0.45, what="zeros")["passed"] is None
+
+
+def test_bootstrap_band_and_below_bound():
+    rng = np.random.default_rng(2)
+    values = rng.normal(1.0, 0.1, size=(40, 3))
+    mean, lo, hi = common.bootstrap_band(values, rng=rng, n_boot=1000)
+    assert np.all(lo < mean) and np.all(mean < hi) and np.all(hi - lo < 0.1)
+    bound = np.array([2.0, 2.0, 1.0])
+    check = common.below_bound_check(values, bound, delta=0.05, what="synthetic")
+    assert not check["passed"] and check["fraction_below"][2] < 0.95 and check["fraction_below"][0] == 1.0
+
+
+@pytest.mark.parametrize("k, n", [(0, 10), (10, 10), (37, 40), (500, 1000)])
+def test_clopper_pearson(k, n):
+    lo, hi = common.clopper_pearson(k, n)
+    assert 0.0 <= lo <= k / n <= hi <= 1.0
+    if k == n:
+        assert lo == pytest.approx(0.025 ** (1 / n))  # solves lo^n = alpha / 2
+    if k == 0:
+        assert hi == pytest.approx(1 - 0.025 ** (1 / n))
+    with pytest.raises(ValueError):
+        common.clopper_pearson(n + 1, n)
+
+
+def test_write_json_requires_protocol_keys(tmp_path):
+    with pytest.raises(ValueError, match="missing"):
+        common.write_json(tmp_path / "x.json", {"experiment": "x"})
