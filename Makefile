@@ -3,8 +3,11 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The tabular passes are small matrix products: one BLAS thread each avoids
+# oversubscribing the two cores these machines have.
+export OPENBLAS_NUM_THREADS ?= 1
 
-.PHONY: setup test test-fast figures bench clean
+.PHONY: setup test figures bench clean
 
 setup: $(STAMP)
 
@@ -22,6 +25,7 @@ test: $(STAMP)
 
 figures: $(STAMP)
 	$(PY) -m theory.figures
+	$(PY) -m llm.bridge
 
 bench: $(STAMP)
 	$(PY) -m pbkd_ref.bench
