@@ -236,6 +236,9 @@ class LikelihoodSet:
         self._G_eig = np.clip(eig, 0.0, None)
         self._G_U = U
         self._G_null = self._G_eig <= _null_threshold(self._G_eig)
+        # Curvature lower bound for certificates: numerically null directions get exactly 0
+        # (a smaller lower bound stays valid and keeps the dual well scaled).
+        self._cert_curvature = np.where(self._G_null, 0.0, self.gamma * self._G_eig)
 
     # -- protocol ---------------------------------------------------------------------
 
@@ -295,7 +298,7 @@ class LikelihoodSet:
            through its two-multiplier dual in the eigenbasis of the Hessian (no data pass).
            This is Newton's method on the KKT system with the ball handled exactly;
            it starts at ``theta_hat`` (whose pass is cached), or at ``warm`` (a previous
-           maximiser) when given, and converges quadratically, typically in 3-5 passes.
+           maximiser) when given, and converges quadratically, typically in 1-4 passes.
         2. If the fast path stops contracting (the gap must shrink 4x every two passes),
            a globally convergent fallback takes over: a path-following log barrier on the
            likelihood constraint with the ball kept exact (``_SupportSolver.barrier``).
@@ -334,11 +337,15 @@ class LikelihoodSet:
                 f"support function not certified to rtol={rtol:g} within {max_passes} passes "
                 f"(gap {solver.gap / self.B:.3g} * B ||v||); increase max_passes or rtol"
             )
+        lower = float(solver.theta @ v)
+        # The dual bound is exact arithmetic evaluated in floating point; it can undercut the
+        # attained value by rounding (~1e-16 lam NLL), in which case the attained value is exact.
+        upper = max(solver.upper * norm_v, lower)
         return SupportResult(
-            value=solver.upper * norm_v,
+            value=upper,
             theta=solver.theta.copy(),
-            lower=float(solver.theta @ v),
-            upper=solver.upper * norm_v,
+            lower=lower,
+            upper=upper,
             lam=solver.lam * norm_v,
             nu=solver.nu * norm_v,
             passes=solver.passes,
@@ -381,49 +388,59 @@ def _quadratic_dual(u, theta, f, g, level, B, curvature, basis, lam, nu, max_new
     With ``P = gamma G`` this is the support certificate; with the Hessian it solves the
     model step of the fast path.
     """
-    s1 = level - f
+    s1 = float(level - f)
     s2 = 0.5 * (B * B - float(theta @ theta))
     base = float(u @ theta)
     w = basis.T @ u
     q = basis.T @ g
     t = basis.T @ theta
-    ones = np.ones_like(curvature)
+    INF = (np.inf, 0.0, 0.0, 0.0, 0.0, 0.0, None, 0.0)
 
-    def evaluate(x):
-        lam_, nu_ = x
+    def evaluate(lam_, nu_):
+        """``(D, dD/dlam, dD/dnu, d2/dlam2, d2/dlam dnu, d2/dnu2, ratio, resolution)``; scalars."""
         denom = lam_ * curvature + nu_
         r = w - lam_ * q - nu_ * t
-        positive = denom > 0.0
-        if not np.all(positive | (r == 0.0)):
-            return np.inf, None, None, None, None
-        ratio = np.zeros_like(r)
-        ratio[positive] = r[positive] / denom[positive]
+        if denom.min() > 0.0:
+            inv = 1.0 / denom
+        else:
+            positive = denom > 0.0
+            if np.any(~positive & (r != 0.0)):
+                return INF
+            inv = np.zeros_like(denom)
+            inv[positive] = 1.0 / denom[positive]
+        ratio = r * inv
         quad = 0.5 * float(r @ ratio)
         val = base + lam_ * s1 + nu_ * s2 + quad
         if not np.isfinite(val):
-            return np.inf, None, None, None, None
-        # Magnitude of the summands: D is resolved to about 1e-16 of it.
-        resolution = 1e-16 * (abs(base) + abs(lam_ * s1) + abs(nu_ * s2) + quad)
-        grad = np.array([s1 - q @ ratio - 0.5 * curvature @ (ratio * ratio), s2 - t @ ratio - 0.5 * (ratio @ ratio)])
-        c = np.stack([-q - ratio * curvature, -t - ratio * ones])
-        inv = np.zeros_like(denom)
-        inv[positive] = 1.0 / denom[positive]
-        hess = (c * inv) @ c.T
-        return val, grad, hess, ratio, resolution
+            return INF
+        c0 = -q - ratio * curvature
+        c1 = -t - ratio
+        c0i = c0 * inv
+        return (
+            val,
+            s1 + float(c0 @ ratio) + 0.5 * float(curvature @ (ratio * ratio)),
+            s2 + float(c1 @ ratio) + 0.5 * float(ratio @ ratio),
+            float(c0i @ c0),
+            float(c0i @ c1),
+            float((c1 * inv) @ c1),
+            ratio,
+            # D is resolved to about 1e-16 of the magnitude of its summands.
+            1e-16 * (abs(base) + abs(lam_ * s1) + abs(nu_ * s2) + quad),
+        )
 
     def coordinate_min(x, i, state):
         """Exact minimiser of D along coordinate ``i`` (the other fixed) on ``[0, inf)``."""
         def at(value):
-            y = x.copy()
+            y = list(x)
             y[i] = value
-            return y, evaluate(y)
+            return y, evaluate(*y)
 
         y0, s0 = at(0.0)
-        if np.isfinite(s0[0]) and s0[1][i] >= 0.0:
+        if np.isfinite(s0[0]) and s0[1 + i] >= 0.0:
             return y0, s0
         lo, hi = 0.0, max(x[i], 1e-3 / B)
         y_hi, s_hi = at(hi)
-        while not (np.isfinite(s_hi[0]) and s_hi[1][i] >= 0.0):
+        while not (np.isfinite(s_hi[0]) and s_hi[1 + i] >= 0.0):
             if np.isfinite(s_hi[0]):
                 lo = hi
             hi *= 4.0
@@ -432,7 +449,7 @@ def _quadratic_dual(u, theta, f, g, level, B, curvature, basis, lam, nu, max_new
             y_hi, s_hi = at(hi)
         y_cur, s_cur = (x, state) if lo < x[i] < hi else (y_hi, s_hi)
         for _ in range(100):
-            d1, d2 = s_cur[1][i], s_cur[2][i, i]
+            d1, d2 = s_cur[1 + i], s_cur[3 + 2 * i]
             if d1 > 0.0:
                 hi = y_cur[i]
             else:
@@ -449,39 +466,47 @@ def _quadratic_dual(u, theta, f, g, level, B, curvature, basis, lam, nu, max_new
             y_cur, s_cur = y_new, s_new
         return y_cur, s_cur
 
-    x = np.array([max(float(lam), 0.0), max(float(nu), 0.0)])
-    state = evaluate(x)
+    x = [max(float(lam), 0.0), max(float(nu), 0.0)]
+    state = evaluate(*x)
     if not np.isfinite(state[0]):
         # Start from the quadratic-model multiplier ||u||_{P^+} / sqrt(2 s1) and a small nu.
         pos = curvature > 0.0
         estimate = float(np.sum(w[pos] ** 2 / curvature[pos])) / (2.0 * max(s1, 1e-12))
-        x = np.array([max(x[0], np.sqrt(estimate)), max(x[1], 1e-3 / B)])
-        state = evaluate(x)
+        x = [max(x[0], np.sqrt(estimate)), max(x[1], 1e-3 / B)]
+        state = evaluate(*x)
         while not np.isfinite(state[0]):
             x[1] *= 10.0
-            state = evaluate(x)
+            state = evaluate(*x)
     best = state[0]
     for _ in range(max_newton):
-        val, grad, hess, _, resolution = state
+        val, g0, g1, h00, h01, h11, _, resolution = state
         accepted = None
-        free = ~((x <= 0.0) & (grad > 0.0))
-        if np.any(free):
-            step = np.zeros(2)
-            Hf = hess[np.ix_(free, free)]
-            ridge = 1e-14 * max(float(np.trace(Hf)), 1e-300)
-            try:
-                step[free] = -np.linalg.solve(Hf + ridge * np.eye(int(free.sum())), grad[free])
-            except np.linalg.LinAlgError:
-                step[free] = 0.0
-            predicted = float(grad @ step)
+        free0 = x[0] > 0.0 or g0 <= 0.0
+        free1 = x[1] > 0.0 or g1 <= 0.0
+        # Projected Newton on the variables not held at a bound (2x2 solve by hand).
+        if free0 and free1:
+            # A tiny ridge keeps the solve defined when the Hessian is (near) singular, e.g.
+            # d = 1 or a flat valley; the line search then scales the long step.
+            ridge = 1e-14 * (h00 + h11)
+            a00, a11 = h00 + ridge, h11 + ridge
+            det = a00 * a11 - h01 * h01
+            step = ((-a11 * g0 + h01 * g1) / det, (h01 * g0 - a00 * g1) / det) if det > 0.0 else None
+        elif free0:
+            step = (-g0 / h00, 0.0) if h00 > 0.0 else None
+        elif free1:
+            step = (0.0, -g1 / h11) if h11 > 0.0 else None
+        else:
+            step = None
+        if step is not None:
+            predicted = g0 * step[0] + g1 * step[1]
             if predicted < 0.0:
                 # Below the resolution of D the gradient (the primal residual) still guides
                 # Newton: such a step is taken if D does not rise above rounding.
                 at_rounding = -predicted <= 1e3 * resolution
                 alpha = 1.0
                 while alpha >= 1e-12:
-                    trial = np.maximum(x + alpha * step, 0.0)
-                    t_state = evaluate(trial)
+                    trial = [max(x[0] + alpha * step[0], 0.0), max(x[1] + alpha * step[1], 0.0)]
+                    t_state = evaluate(*trial)
                     if t_state[0] < val or (at_rounding and t_state[0] <= val + 10.0 * resolution):
                         accepted = (trial, t_state)
                         break
@@ -495,11 +520,11 @@ def _quadratic_dual(u, theta, f, g, level, B, curvature, basis, lam, nu, max_new
             accepted = (y, s_y)
         trial, state = accepted
         best = min(best, state[0])
-        moved = np.abs(trial - x)
+        moved = max(abs(trial[0] - x[0]) / (abs(x[0]) + 1e-300), abs(trial[1] - x[1]) / (abs(x[1]) + 1e-300))
         x = trial
-        if np.all(moved <= 1e-15 * (np.abs(x) + 1e-300)) or np.any(x > 1e15):
+        if moved <= 1e-15 or x[0] > 1e15 or x[1] > 1e15:
             break  # converged, or the model program is infeasible (D unbounded below)
-    maximiser = theta + basis @ state[3]
+    maximiser = theta + basis @ state[6]
     return best, float(x[0]), float(x[1]), maximiser
 
 
@@ -544,7 +569,7 @@ class _SupportSolver:
         if lam0 is None:  # quadratic-model estimate lam = ||u||_{G^-1} / sqrt(2 zeta gamma) (any start is valid)
             lam0 = 1.0 / np.sqrt(2.0 * cset.zeta * max(cset.gamma * float(cset._G_eig.max(initial=0.0)), 1e-300))
         upper, lam, nu, _ = _quadratic_dual(
-            self.u, theta, f, g, cset.level, cset.B, cset.gamma * cset._G_eig, cset._G_U, lam0, self.cert_nu
+            self.u, theta, f, g, cset.level, cset.B, cset._cert_curvature, cset._G_U, lam0, self.cert_nu
         )
         self.cert_lam, self.cert_nu = lam, nu
         if upper < self.upper:
@@ -558,8 +583,7 @@ class _SupportSolver:
     def _model_step(self, theta, f, g, H, lam, nu):
         """Exact maximiser of ``u^T t`` over ``{m(t) <= level, ||t|| <= B}``, ``m`` the second-order model."""
         cset = self.cset
-        eig, basis = np.linalg.eigh(0.5 * (H + H.T))
-        eig = np.clip(eig, 0.0, None)
+        eig, basis = _psd_eig(H)
         if f > cset.level:
             # Restoration when the model program may be infeasible: minimise the model first.
             t_min = ball_quadratic_min(H, H @ theta - g, cset.B)
@@ -630,7 +654,7 @@ class _SupportSolver:
                 hess_phi = (mu / s1) * H + (mu / s1**2) * np.outer(g, g)
                 step = ball_quadratic_min(hess_phi, hess_phi @ theta - grad_phi, B) - theta
                 slope = float(grad_phi @ step)
-                if -slope <= 0.5 * mu:  # Newton decrement^2 small against mu: centred enough
+                if -slope <= 0.05 * mu:  # Newton decrement^2 small against mu: centred enough
                     break
                 phi = -float(u @ theta) - mu * np.log(s1)
                 alpha = 1.0
@@ -645,7 +669,7 @@ class _SupportSolver:
                     break
                 theta = trial
                 f, g, H = self._derivatives(theta)
-            mu *= 0.05
+            mu *= 0.1
             if self.gap <= 1e-4 * B and self.passes < self.max_passes:
                 # Close to the solution: the fast path's local quadratic convergence
                 # finishes faster than further centring (the barrier iterate is kept).
@@ -655,8 +679,11 @@ class _SupportSolver:
 
 
 def _psd_eig(H):
+    """Eigen-decomposition of a PSD matrix with numerically null eigenvalues set to 0."""
     eig, basis = np.linalg.eigh(0.5 * (H + H.T))
-    return np.clip(eig, 0.0, None), basis
+    eig = np.clip(eig, 0.0, None)
+    eig[eig <= _null_threshold(eig)] = 0.0
+    return eig, basis
 
 
 def confidence_set(prefs: Preferences, B, *, kind, delta, value=None) -> LikelihoodSet:

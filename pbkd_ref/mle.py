@@ -13,6 +13,7 @@ sphere, so convergence is quadratic.  ``fit_mle_cvxpy`` is the cross-check with
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -108,7 +109,7 @@ class _NewtonState:
     converged: bool
 
 
-def ball_newton(prefs: Preferences, B: float, *, weight: float = 1.0, linear=None, theta0=None, first_pass=None,
+def _ball_newton(prefs: Preferences, B: float, *, weight: float = 1.0, linear=None, theta0=None, first_pass=None,
                 tol: float = 1e-10, max_iter: int = 100, max_passes: int | None = None) -> _NewtonState:
     """Minimise ``F(theta) = weight * NLL(theta) - linear^T theta`` over ``||theta|| <= B``.
 
@@ -122,7 +123,7 @@ def ball_newton(prefs: Preferences, B: float, *, weight: float = 1.0, linear=Non
     singular the steps stay in the row space of ``X`` plus ``span(linear)``.
     ``first_pass`` optionally supplies ``(f, g, H)`` at ``theta0`` to save a pass;
     ``max_passes`` optionally caps the passes over the data (line-search passes included).
-    Used by ``fit_mle`` (``weight = 1``, ``linear = 0``) and by the support-function solver.
+    ``fit_mle`` is the case ``weight = 1``, ``linear = 0``.
     """
     d = prefs.d
     linear = np.zeros(d) if linear is None else linear
@@ -169,10 +170,11 @@ def ball_newton(prefs: Preferences, B: float, *, weight: float = 1.0, linear=Non
     return _NewtonState(theta, f, g, H, iterations, passes, converged)
 
 
-def fit_mle(prefs: Preferences, B, *, tol: float = 1e-10, max_iter: int = 100) -> MLEResult:
+def fit_mle(prefs: Preferences, B, *, tol: float = 1e-10, max_iter: int = 100, theta0=None) -> MLEResult:
     """Constrained MLE ``argmin_{||theta|| <= B} NLL(theta)`` by ball-constrained Newton (spec section 2).
 
-    ``ball_newton`` with ``weight = 1`` and no linear term, started at ``theta = 0``: every
+    ``_ball_newton`` with ``weight = 1`` and no linear term, started at ``theta0`` (default
+    ``0``; online PbKD warm-starts from the previous round's ``theta_hat``): every
     step minimises the exact-Hessian quadratic model over the ball, then an Armijo line
     search runs along the segment.  When ``X`` is rank deficient the steps stay in the row
     space of ``X``, so the minimum-norm maximiser is returned.  ``optimality_gap`` is the
@@ -184,7 +186,11 @@ def fit_mle(prefs: Preferences, B, *, tol: float = 1e-10, max_iter: int = 100) -
         raise ValueError(f"tol must be a positive number; got {tol!r}")
     if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
         raise ValueError(f"max_iter must be a positive integer; got {max_iter!r}")
-    state = ball_newton(prefs, B, tol=tol, max_iter=max_iter)
+    if theta0 is not None:
+        theta0 = np.asarray(theta0, dtype=np.float64)
+        if theta0.shape != (prefs.d,) or not np.all(np.isfinite(theta0)) or np.linalg.norm(theta0) > B * (1 + 1e-12):
+            raise ValueError(f"theta0 must be a finite vector of shape ({prefs.d},) inside the B-ball; got {theta0!r}")
+    state = _ball_newton(prefs, B, tol=tol, max_iter=max_iter, theta0=theta0)
     return MLEResult(
         theta_hat=state.theta,
         nll=state.nll,
@@ -198,9 +204,9 @@ def fit_mle(prefs: Preferences, B, *, tol: float = 1e-10, max_iter: int = 100) -
 def fit_mle_cvxpy(prefs: Preferences, B) -> MLEResult:
     """Cross-check: the same MLE as a cvxpy exponential-cone program (spec section 2).
 
-    ``minimize sum n1 * logistic(-X theta) + n0 * logistic(X theta)  s.t.  ||theta|| <= B``,
-    solved by Clarabel (tight tolerances), falling back to SCS when Clarabel does not report
-    "optimal".
+    ``minimize sum n1 * logistic(-X theta) + n0 * logistic(X theta)  s.t.  ||theta|| <= B``
+    (divided by ``N``), solved by Clarabel at tolerance 1e-12, then 1e-10, then by SCS, until a
+    solver reports "optimal".
     """
     import cvxpy as cp
 
@@ -212,13 +218,16 @@ def fit_mle_cvxpy(prefs: Preferences, B) -> MLEResult:
     objective = scale * (prefs.n1 @ cp.logistic(-z) + prefs.n0 @ cp.logistic(z))
     problem = cp.Problem(cp.Minimize(objective), [cp.norm(theta, 2) <= B])
     attempts = (
+        ("CLARABEL", dict(tol_gap_abs=1e-12, tol_gap_rel=1e-12, tol_feas=1e-12, tol_ktratio=1e-8, max_iter=500)),
         ("CLARABEL", dict(tol_gap_abs=1e-10, tol_gap_rel=1e-10, tol_feas=1e-10, max_iter=500)),
         ("SCS", dict(eps=1e-10, max_iters=200_000)),
     )
     status, used, iterations = None, None, 0
     for solver, options in attempts:
         try:
-            problem.solve(solver=solver, **options)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "solution may be inaccurate": handled by the status
+                problem.solve(solver=solver, **options)
         except cp.error.SolverError:
             continue
         status, used = problem.status, solver

@@ -55,7 +55,7 @@ from pbkd_ref.mdp import (
     sample_trajectories,
     trajectory_features,
 )
-from pbkd_ref.mle import ball_newton, fit_mle
+from pbkd_ref.mle import fit_mle
 from pbkd_ref.preferences import aggregate, label_probability
 from pbkd_ref.solvers import METHODS, MinMaxResult, _support, solve
 
@@ -488,16 +488,13 @@ def _ball_if_inactive(cset: LikelihoodSet):
 def _fit_mle(prefs, B: float, theta0: np.ndarray | None) -> tuple[np.ndarray, bool]:
     """The MLE of ``D_t`` by the project's ball-constrained Newton (``pbkd_ref.mle``).
 
-    Cold: ``fit_mle`` (Newton from ``0``).  Warm: the same Newton, ``mle.ball_newton``, started
+    Cold: ``fit_mle`` (Newton from ``0``).  Warm: the same Newton started
     at the previous round's ``theta_hat``, which one new pair moves little.  When the design is
     rank deficient the two may return different minimisers; they have the same likelihood, so
     ``C_t`` is the same set.
     """
-    if theta0 is None:
-        fit = fit_mle(prefs, B)
-        return fit.theta_hat, fit.converged
-    state = ball_newton(prefs, B, theta0=theta0)
-    return state.theta, state.converged
+    fit = fit_mle(prefs, B, theta0=theta0)
+    return fit.theta_hat, fit.converged
 
 
 def online_pbkd(mdp: MDP, pi_E, theta_star, T: int, rng: np.random.Generator, *, B: float,

