@@ -1,0 +1,450 @@
+"""Preference-based knowledge distillation at LLM scale (spec llm.md sections 2 and 3).
+
+Two objectives of `llm/train.py`, each in one class:
+
+* :class:`PbKD` (``objective=pbkd``, black-box, Algorithms 1-2). A reward model ``r_phi(x, y)``
+  (:class:`llm.reward_model.RewardModel`, bounded ``B tanh(raw/B)``) plays the adversary inside
+  the confidence set around the MLE of the Bradley-Terry likelihood on the preference data D,
+  through the Lagrangian of :func:`llm.losses.pbkd_adversary_loss`; each optimiser step is
+
+      for K_adv adversary steps:   phi <- phi - eta grad [ -(E_{y~p} r_phi - E_{y~q} r_phi)
+                                                          + lam (NLL_BT(phi; D) - NLL_ref - zeta/|D|) ]
+                                   lam <- max(0, lam + eta_lam (NLL_BT - NLL_ref - zeta/|D|))
+      student:                     theta <- theta - eta grad leave_one_out_pg_loss(log q(y_ij|x_i), r_phi(x_i, y_ij))
+                                   (+ pbkd.seqkd_weight * cross-entropy on teacher responses)
+
+* :class:`MMPbKD` (``objective=mm_pbkd``, white-box, Algorithm 3). A Q-head ``f_phi(s, .)``
+  (:class:`llm.reward_model.QHead`) replaces the reward model; its induced sequence reward
+  ``r_f`` enters the BT constraint, and the gap is ``beta * off-policy moment + (1 - beta) *
+  on-policy moment`` (:func:`llm.losses.mm_pbkd_adversary_loss`).
+
+Preference data D (spec section 3) -- ``online.rounds`` decides the mode:
+
+* offline (``online.rounds=1``): D is built once, at the start: ``pbkd.pairs_per_round``
+  prompts, the teacher's response ``tau0`` against the gold reference or an initial student
+  sample ``tau1`` (``pbkd.offline_response``), labelled by the judge ``pbkd.judge``.
+* online (``online.rounds=T``): at the start of round t the teacher's and the *current*
+  student's responses to the round's prompts are labelled and appended to the preference store
+  (``<run_dir>/preferences.jsonl``) in one batch; then the adversary is re-fitted by MLE on the
+  grown D (``NLL_ref`` recorded) and training goes on. A run killed after labelling and
+  resumed finds the round in the store and reuses it: no record is lost or duplicated.
+
+Every round writes one line to ``<run_dir>/rounds.jsonl`` (and prints it): the validation
+Rouge-L of the student entering the round, |D|, the judge's statistics, ``NLL_ref``, the BT NLL
+against its bound ``NLL_ref + zeta/|D|``, the dual variable ``lam`` and the reward gap.
+
+Student gradient of ``mm_pbkd`` (``pbkd.mm_student_gradient``). The on-policy moment of a
+student rollout telescopes, ``sum_h [<p, f>(s_h) - f(s_h, y_h)] = <p, f>(s_0) - r_f(tau)``, so its
+exact policy gradient is the sequence-level REINFORCE of the induced reward: the default
+``sequence_loo`` applies :func:`llm.losses.leave_one_out_pg_loss` to ``r_f(tau)`` over the k samples
+of a prompt (``<p, f>(s_0)`` is the same for all of them and cancels in the baseline). The
+spec's literal per-token advantage ``-(<p, f>(s_h) - f(s_h, y_h))`` (``per_token_spec``,
+:func:`llm.losses.mm_pbkd_student_loss`) drops the credit a token gets from later tokens and
+is not the gradient of the moment; the exactness bridge (``llm/bridge.py``) shows it does not
+reach the exact min-max, so it is kept only as an option. The off-policy moment is
+differentiated directly through ``q(.|s_h)`` on teacher rollouts in both cases.
+
+Both objectives run in one process (``distributed=none``): the adversary is not sharded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import torch
+
+from llm import losses
+from llm.data import Example
+from llm.judges import PreferenceQuery, make_judge
+from llm.models import pruned_student, small_config_like
+from llm.preference_store import PreferenceStore
+from llm.reward_model import NonFiniteRewardError, QHead, RewardModel
+from llm.train import (
+    Objective,
+    Run,
+    chunks,
+    encode,
+    local_batch_indices,
+    logits_of,
+    sample_student_responses,
+    teacher_logits,
+    validate,
+)
+
+__all__ = ["PbKD", "MMPbKD", "OBJECTIVES", "gather_positions"]
+
+
+def gather_positions(values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``values[b, positions[b, k]]`` for (B, T, V) values and (B, K) positions -> (B, K, V)."""
+    return values.gather(1, positions[..., None].expand(-1, -1, values.shape[-1]))
+
+
+class _PreferenceGame(Objective):
+    """What ``pbkd`` and ``mm_pbkd`` share: the judge, the preference store and D, the adversary
+    with its optimiser, the MLE warm start (``NLL_ref``), the dual variable ``lam`` and the rounds."""
+
+    uses_teacher_responses = True
+    adversary_name = "adversary"
+
+    def __init__(self, run: Run):
+        super().__init__(run)
+        p = run.cfg.pbkd
+        if run.world > 1:
+            raise ValueError(f"objective={run.cfg.objective} runs in one process (its adversary is not sharded); "
+                             "launch without torchrun / distributed=none")
+        if p.samples_per_prompt < 2:
+            raise ValueError(f"pbkd.samples_per_prompt must be >= 2 (leave-one-out baseline), got {p.samples_per_prompt}")
+        self.p = p
+        self.adversary = self.build_adversary().to(run.device)
+        self.adversary_optimizer = torch.optim.AdamW(self.adversary.parameters(), lr=p.adversary_lr)
+        self.judge = make_judge(p.judge, **self.judge_options())
+        self.store = PreferenceStore(run.run_dir / "preferences.jsonl")
+        self.lam = float(p.lam_init)
+        self.nll_ref = math.nan
+        self.round = -1
+        self.judge_totals: dict = {}
+        self.step_adversary: dict = {}
+
+    # ---- the adversary: built from its own small config or as a pruned copy of the teacher -----
+
+    def backbone(self):
+        p, teacher = self.p, self.run.teacher
+        if p.rm_init == "pruned":
+            return pruned_student(teacher, list(p.rm_layers)).float()
+        from transformers import AutoModelForCausalLM
+
+        config = small_config_like(teacher.config, **p.rm_config)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.cfg.seed + 1)
+            return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+    def build_adversary(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def judge_options(self) -> dict:
+        options = dict(self.p.judge_options)
+        if self.p.judge == "bt_oracle":
+            options.setdefault("seed", self.cfg.seed)
+        return options
+
+    # ---- rewards of preference pairs (subclasses: r_phi or the induced r_f) ----------------------
+
+    def pair_rewards(self, records) -> tuple[torch.Tensor, torch.Tensor]:
+        """(r(x, tau1), r(x, tau0)) of preference records, with gradient to the adversary."""
+        prompts = [Example(prompt=r.prompt, response=r.response_1) for r in records]
+        r1 = self.sequence_rewards(encode(self.run, prompts, [r.response_1 for r in records]))
+        r0 = self.sequence_rewards(encode(self.run, prompts, [r.response_0 for r in records]))
+        return r1, r0
+
+    def sequence_rewards(self, batch: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def preference_batch(self, tag: int):
+        """A seeded minibatch of D (the same after a resume)."""
+        D = self.D
+        size = min(self.p.bt_batch_size, len(D))
+        return random.Random(self.cfg.seed * 1_000_003 + tag).sample(D, size)
+
+    def bt_nll_of(self, records) -> torch.Tensor:
+        r1, r0 = self.pair_rewards(records)
+        labels = torch.tensor([r.label for r in records], device=r1.device)
+        return losses.bt_nll(r1, r0, labels)
+
+    def full_bt_nll(self) -> float:
+        with torch.no_grad():
+            values = [self.bt_nll_of(block) * len(block) for block in chunks(self.D, self.p.bt_batch_size)]
+        return float(sum(values) / len(self.D))
+
+    @property
+    def zeta_over_n(self) -> float:
+        return self.p.zeta / len(self.D)
+
+    def guarded(self, fn, *args):
+        """Run an adversary computation; a non-finite output stops the run naming the last good checkpoint."""
+        try:
+            return fn(*args)
+        except NonFiniteRewardError as err:
+            latest = self.run.run_dir / "checkpoints" / "latest"
+            where = f"the last good checkpoint is {latest.resolve()}" if latest.exists() else "no checkpoint was written yet"
+            raise NonFiniteRewardError(f"{self.cfg.objective}: {err} ({where}; resume with --resume)") from None
+
+    # ---- rounds: label, append, MLE warm start ---------------------------------------------------
+
+    def start_round(self, round_index: int, steps: range) -> None:
+        """Algorithm 2, one round: responses -> judge -> store (one append) -> MLE warm start."""
+        run, p = self.run, self.p
+        self.round = round_index
+        if round_index < self.store.rounds_completed():  # labelled before an interruption: reuse, never relabel
+            records = self.store.records(round_index)
+        else:
+            records = self.label_round(round_index, steps)
+            self.store.append(records)
+        self.D = [r for r in self.store.preferences() if r.round <= round_index]
+        if not self.D:
+            raise ValueError(f"round {round_index}: the judge produced no preference (judge stats: "
+                             f"{self.judge.stats.summary()}); use more pbkd.pairs_per_round or another judge")
+        self.fit_mle(round_index)
+        rouge = validate(run)
+        line = {"round": round_index, "step": steps.start, "pairs_this_round": len(records), "D": len(self.D),
+                "valid_rouge_l": rouge, "nll_ref": self.nll_ref, "bt_nll": self.full_bt_nll(),
+                "bt_bound": self.nll_ref + self.zeta_over_n, "lam": self.lam,
+                "reward_gap": self.round_gap(records), "judge": self.judge_totals}
+        with open(run.run_dir / "rounds.jsonl", "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(line) + "\n")
+        print(f"[{self.cfg.objective} round {round_index}] " + " ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in line.items() if k != "judge")
+            + f" judge: {self.judge_totals}", flush=True)
+
+    def label_round(self, round_index: int, steps: range) -> list:
+        run, p = self.run, self.p
+        seen, examples = set(), []
+        for s in steps:
+            for i in local_batch_indices(run, s):
+                ex = run.train_data[i]
+                if ex.prompt not in seen and len(examples) < p.pairs_per_round:
+                    seen.add(ex.prompt)
+                    examples.append(ex)
+        offline_reference = self.cfg.online.rounds == 1 and p.offline_response == "reference"
+        if offline_reference:
+            responses, model_1 = [ex.response for ex in examples], "reference"
+        else:
+            responses = sample_student_responses(run, examples, seed=self.cfg.seed * 7919 + 104_729 * (round_index + 1))
+            model_1 = f"student@round{round_index}"
+        queries = [PreferenceQuery(prompt=ex.prompt, response_0=self.teacher_cache[ex.prompt], response_1=y,
+                                   round=round_index, index=i, model_0="teacher", model_1=model_1,
+                                   references=tuple(ex.references))
+                   for i, (ex, y) in enumerate(zip(examples, responses))]
+        before = self.judge.stats.as_dict()
+        records = self.judge.label(queries)
+        after = self.judge.stats.as_dict()
+        for k, v in after.items():
+            if isinstance(v, int):
+                self.judge_totals[k] = self.judge_totals.get(k, 0) + v - before[k]
+        return records
+
+    def fit_mle(self, round_index: int) -> None:
+        """MLE warm start: `pbkd.mle_steps` Adam steps on NLL_BT(phi; D); NLL_ref = NLL_BT at the end."""
+        opt = torch.optim.AdamW(self.adversary.parameters(), lr=self.p.mle_lr)
+        self.adversary.train()
+        for j in range(self.p.mle_steps):
+            nll = self.guarded(self.bt_nll_of, self.preference_batch(10_000_019 * (round_index + 1) + j))
+            opt.zero_grad(set_to_none=True)
+            nll.backward()
+            torch.nn.utils.clip_grad_norm_(self.adversary.parameters(), self.cfg.optim.grad_clip or float("inf"))
+            opt.step()
+        self.nll_ref = self.guarded(self.full_bt_nll)
+
+    def round_gap(self, records) -> float:
+        """Mean r(teacher) - r(tau1) on this round's pairs."""
+        with torch.no_grad():
+            r1, r0 = self.guarded(self.pair_rewards, records[: self.p.bt_batch_size]) if records else (torch.zeros(1),) * 2
+        return float((r0 - r1).mean())
+
+    # ---- one adversary step and the dual ascent -----------------------------------------------
+
+    def adversary_update(self, loss_of_nll, tag: int) -> None:
+        """K_adv steps on loss_of_nll(NLL_BT on a D minibatch) then dual ascent on lam after each."""
+        clip = self.cfg.optim.grad_clip or float("inf")
+        self.adversary.train()
+        if self.p.adversary_steps == 0:  # a fixed adversary (the MLE of the round): measure, do not move
+            with torch.no_grad():
+                nll = self.guarded(self.bt_nll_of, self.preference_batch(tag * 97))
+                _, gap = loss_of_nll(nll)
+        for j in range(self.p.adversary_steps):
+            nll = self.guarded(self.bt_nll_of, self.preference_batch(tag * 97 + j))
+            loss, gap = loss_of_nll(nll)
+            self.adversary_optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.adversary.parameters(), clip)
+            self.adversary_optimizer.step()
+            violation = losses.bt_constraint_violation(float(nll.detach()), self.nll_ref, self.zeta_over_n)
+            self.lam = losses.dual_ascent(self.lam, violation, self.p.dual_lr)
+        self.step_adversary = {"lam": self.lam, "bt_nll": float(nll.detach()), "nll_ref": self.nll_ref,
+                               "bt_bound": self.nll_ref + self.zeta_over_n, "reward_gap": float(gap)}
+
+    def student_samples(self, examples, step: int) -> list[str]:
+        k = self.p.samples_per_prompt
+        repeated = [ex for ex in examples for _ in range(k)]
+        return sample_student_responses(self.run, repeated, seed=self.cfg.seed * 7919 + step)
+
+    def seqkd_term(self, micro, totals) -> torch.Tensor:
+        T = micro["T"]
+        logits = logits_of(self.run.student, T, self.run)
+        return losses.sft_loss(logits, T["labels"], T["response_mask"]) * float(micro["counts"]["teacher_tokens"] / totals["teacher_tokens"])
+
+    # ---- resume ------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {"adversary": self.adversary.state_dict(), "adversary_optimizer": self.adversary_optimizer.state_dict(),
+                "lam": self.lam, "nll_ref": self.nll_ref, "round": self.round, "judge_totals": json.dumps(self.judge_totals),
+                "store_records": len(self.store)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.adversary.load_state_dict(state["adversary"])
+        self.adversary_optimizer.load_state_dict(state["adversary_optimizer"])
+        self.lam, self.nll_ref, self.round = float(state["lam"]), float(state["nll_ref"]), int(state["round"])
+        self.judge_totals = json.loads(state["judge_totals"])
+        if len(self.store) < int(state["store_records"]):
+            raise ValueError(f"the preference store {self.store.path} holds {len(self.store)} records but the checkpoint "
+                             f"was written with {state['store_records']}; it lost records since. Restore the store "
+                             "file of this run (or start a new run)")
+        if self.round >= 0:
+            self.D = [r for r in self.store.preferences() if r.round <= self.round]
+
+
+class PbKD(_PreferenceGame):
+    """``pbkd``: reward model r_phi vs student, Lagrangian adversary + leave-one-out policy gradient."""
+
+    adversary_name = "reward model r_phi"
+
+    def build_adversary(self):
+        return RewardModel(self.backbone(), bound=self.p.reward_bound)
+
+    def sequence_rewards(self, batch):
+        return self.adversary(batch["input_ids"], batch["attention_mask"])
+
+    def make_batch(self, examples, step):
+        run, k, size = self.run, self.p.samples_per_prompt, self.run.micro_batch_size
+        y_S = self.student_samples(examples, step)
+        y_T = [self.teacher_cache[ex.prompt] for ex in examples]
+        repeated = [ex for ex in examples for _ in range(k)]
+        S_all, T_all = encode(run, repeated, y_S), encode(run, examples, y_T)
+
+        def lagrangian(nll):  # -(E_p r_phi - E_q r_phi) + lam (NLL_BT - NLL_ref - zeta/|D|)
+            r_T, r_S = self.sequence_rewards(T_all), self.sequence_rewards(S_all)
+            loss = losses.pbkd_adversary_loss(r_T, r_S, nll, self.nll_ref, self.zeta_over_n, self.lam)
+            return loss, (r_T.mean() - r_S.mean()).detach()
+
+        self.adversary_update(lagrangian, step)
+        with torch.no_grad():
+            self.adversary.eval()
+            rewards = self.guarded(self.sequence_rewards, S_all).view(len(examples), k)
+            r_T = self.guarded(self.sequence_rewards, T_all)
+        micros = []
+        for i, part in enumerate(chunks(examples, size)):
+            sl = slice(i * size, i * size + len(part))
+            S = encode(run, [ex for ex in part for _ in range(k)], y_S[sl.start * k : sl.stop * k])
+            T = encode(run, part, y_T[sl])
+            micros.append({"S": S, "T": T, "rewards": rewards[sl], "r_T": r_T[sl],
+                           "counts": {"prompts": torch.tensor(len(part), device=run.device),
+                                      "teacher_tokens": T["response_mask"].sum()}})
+        return micros
+
+    def loss(self, micro, totals, diagnostics):
+        run, S, k = self.run, micro["S"], self.p.samples_per_prompt
+        w = float(micro["counts"]["prompts"] / totals["prompts"])
+        logp = losses.sequence_log_prob(logits_of(run.student, S, run), S["labels"], S["response_mask"])
+        pg = losses.leave_one_out_pg_loss(logp.view(-1, k), micro["rewards"]) * w
+        loss = pg
+        metrics = {"pg_loss": float(pg.detach()), "reward_student": float(micro["rewards"].mean()) * w,
+                   "reward_teacher": float(micro["r_T"].mean()) * w,
+                   "student_logp_own": float(logp.detach().mean()) * w}
+        if self.p.seqkd_weight > 0:
+            sk = self.seqkd_term(micro, totals)
+            loss = loss + self.p.seqkd_weight * sk
+            metrics["seqkd_loss"] = float(sk.detach())
+        metrics |= {k_: v * w for k_, v in self.step_adversary.items()}
+        metrics["loss"] = float(loss.detach())
+        return loss, metrics
+
+
+class MMPbKD(_PreferenceGame):
+    """``mm_pbkd``: Q-head f_phi vs student, moments mixed by beta, induced reward in the BT constraint."""
+
+    adversary_name = "Q-head f_phi"
+
+    def __init__(self, run: Run):
+        if not run.shared_vocabulary:
+            raise ValueError("objective=mm_pbkd is white-box: teacher and student must share a vocabulary "
+                             "(use objective=pbkd for text-only distillation)")
+        super().__init__(run)
+
+    def build_adversary(self):
+        return QHead(self.backbone(), bound=self.p.q_bound)
+
+    def f_values(self, batch) -> torch.Tensor:
+        """f_phi(s_h, .) at the response positions, (B, K, V), aligned with batch["labels"]."""
+        return gather_positions(self.adversary(batch["input_ids"], batch["attention_mask"]), batch["positions"])
+
+    def teacher_probs(self, batch) -> torch.Tensor:
+        return torch.softmax(teacher_logits(self.run, batch).float(), -1)
+
+    def sequence_rewards(self, batch):
+        """The induced reward r_f(tau) = sum_h [f(s_h, y_h) - <p(.|s_{h+1}), f(s_{h+1}, .)>]."""
+        return losses.induced_sequence_reward(self.f_values(batch), self.teacher_probs(batch), batch["labels"],
+                                              batch["response_mask"])
+
+    def moments(self, T: dict, S: dict, q_T: torch.Tensor, p_S: torch.Tensor):
+        """(off-policy moment on teacher rollouts T, on-policy moment on student rollouts S), f with gradient."""
+        off = losses.q_moment_off_policy(self.f_values(T), q_T, T["labels"], T["response_mask"])
+        on = losses.q_moment_on_policy(self.f_values(S), p_S, S["labels"], S["response_mask"])
+        return off, on
+
+    def make_batch(self, examples, step):
+        run, k, size, beta = self.run, self.p.samples_per_prompt, self.run.micro_batch_size, self.p.mm_beta
+        y_S = self.student_samples(examples, step)
+        y_T = [self.teacher_cache[ex.prompt] for ex in examples]
+        repeated = [ex for ex in examples for _ in range(k)]
+        S_all, T_all = encode(run, repeated, y_S), encode(run, examples, y_T)
+        with torch.no_grad():
+            q_T = torch.softmax(logits_of(run.student, T_all, run).float(), -1)
+            p_S = self.teacher_probs(S_all)
+
+        def lagrangian(nll):  # -(beta off + (1-beta) on) + lam (NLL_BT(r_f) - NLL_ref - zeta/|D|)
+            off, on = self.moments(T_all, S_all, q_T, p_S)
+            loss = losses.mm_pbkd_adversary_loss(off, on, nll, self.nll_ref, self.zeta_over_n, self.lam, beta)
+            return loss, (beta * off + (1 - beta) * on).detach()
+
+        self.adversary_update(lagrangian, step)
+        micros = []
+        with torch.no_grad():
+            self.adversary.eval()
+            for i, part in enumerate(chunks(examples, size)):
+                sl = slice(i * size, i * size + len(part))
+                S = encode(run, [ex for ex in part for _ in range(k)], y_S[sl.start * k : sl.stop * k])
+                T = encode(run, part, y_T[sl])
+                f_S, p_S_micro = self.guarded(self.f_values, S), self.teacher_probs(S)
+                micros.append({
+                    "S": S, "T": T, "f_T": self.guarded(self.f_values, T), "f_S": f_S, "p_S": p_S_micro,
+                    "r_f": losses.induced_sequence_reward(f_S, p_S_micro, S["labels"], S["response_mask"]),
+                    "counts": {"prompts": torch.tensor(len(part), device=run.device),
+                               "teacher_tokens": T["response_mask"].sum()},
+                })
+        return micros
+
+    def loss(self, micro, totals, diagnostics):
+        run, S, T, k, beta = self.run, micro["S"], micro["T"], self.p.samples_per_prompt, self.p.mm_beta
+        w = float(micro["counts"]["prompts"] / totals["prompts"])
+        q_T = torch.softmax(logits_of(run.student, T, run).float(), -1)
+        s_logits = logits_of(run.student, S, run)
+        if self.p.mm_student_gradient == "sequence_loo":
+            # exact: grad of the on-policy moment = -grad E_q r_f(tau) (telescoping), by leave-one-out REINFORCE
+            off = losses.q_moment_off_policy(micro["f_T"], q_T, T["labels"], T["response_mask"])
+            logp = losses.sequence_log_prob(s_logits, S["labels"], S["response_mask"]).view(-1, k)
+            on_surrogate = losses.leave_one_out_pg_loss(logp, micro["r_f"].view(-1, k))
+            on = losses.q_moment_on_policy(micro["f_S"], micro["p_S"], S["labels"], S["response_mask"])
+            student_loss = beta * off + (1 - beta) * on_surrogate
+        else:  # the spec's per-token advantage -(<p, f>(s_h) - f(s_h, y_h)) (not the moment's exact gradient)
+            out = losses.mm_pbkd_student_loss(
+                off_f_values=micro["f_T"], off_student_probs=q_T, off_actions=T["labels"], off_mask=T["response_mask"],
+                on_f_values=micro["f_S"], on_teacher_probs=micro["p_S"], on_actions=S["labels"],
+                on_mask=S["response_mask"], on_student_token_logp=losses.token_log_probs(s_logits, S["labels"]),
+                beta=beta)
+            student_loss, off, on = out.loss, out.off_moment, out.on_moment
+        loss = student_loss * w
+        metrics = {"student_loss": float(loss.detach()), "off_moment": float(off.detach()) * w,
+                   "on_moment": float(on.detach()) * w, "moment_gap": float(beta * off.detach() + (1 - beta) * on) * w,
+                   "induced_reward_student": float(micro["r_f"].mean()) * w}
+        if self.p.seqkd_weight > 0:
+            sk = self.seqkd_term(micro, totals)
+            loss = loss + self.p.seqkd_weight * sk
+            metrics["seqkd_loss"] = float(sk.detach())
+        metrics |= {k_: v * w for k_, v in self.step_adversary.items()}
+        metrics["loss"] = float(loss.detach())
+        return loss, metrics
+
+
+OBJECTIVES = {"pbkd": PbKD, "mm_pbkd": MMPbKD}
+"""The preference-based objectives by name (registered in ``llm.train.OBJECTIVE_REGISTRY``)."""
