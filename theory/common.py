@@ -322,6 +322,21 @@ def write_json(path: Path, record: dict) -> Path:
     return path
 
 
+def save_record(record: dict, out_dir: Path, name: str, plot) -> None:
+    """Write `<name>.json`, then draw `<name>.png` from the JSON as written, so the picture shows
+    exactly the numbers of its twin."""
+    path = write_json(Path(out_dir) / f"{name}.json", record)
+    plot(json.loads(path.read_text()), Path(out_dir) / f"{name}.png")
+
+
+def experiment_main(name: str, doc: str, run, argv=None, *, full_seeds: int, quick_seeds: int) -> dict:
+    """The command line shared by every experiment: parse, run, print whether every check passed."""
+    config = parse_args(name, doc.splitlines()[0], argv, full_seeds=full_seeds, quick_seeds=quick_seeds)
+    record = run(config)
+    print(f"{name}: all checks passed = {record['all_checks_passed']} ({record['runtime_s']:.1f} s)")
+    return record
+
+
 @dataclass
 class GapTracker:
     """The largest certificate gap over every solve of an experiment (recorded in its JSON)."""

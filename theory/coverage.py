@@ -28,6 +28,8 @@ import numpy as np
 from scipy.stats import chi2 as chi2_distribution
 
 from theory.common import (
+    experiment_main,
+    save_record,
     BRACKETING_FORMULA,
     CHI2_FORMULA,
     RunConfig,
@@ -37,14 +39,12 @@ from theory.common import (
     command_line,
     geometric_grid,
     make_instance,
-    parse_args,
     plt_module,
     progress_bar,
     run_jobs,
     save_figure,
     tidy_log_axes,
     seed_list,
-    write_json,
 )
 
 NAME = "coverage"
@@ -139,7 +139,7 @@ def run_family(cfg: Config, family: str, seeds: list[int], bar, workers: int) ->
 def analyse_family(cfg: Config, raw: dict) -> tuple[dict, dict]:
     from pbkd_ref.confidence import RADII
 
-    grid, d = raw["grid"], raw["instance"].mdp.d
+    d = raw["instance"].mdp.d
     results = {"radii": {}}
     for kind in RADII:
         hits = raw["covered"][kind]
@@ -274,18 +274,12 @@ def run(config: RunConfig, cfg: Config | None = None) -> dict:
             "chi2 and fixed radii carry no finite-sample guarantee; only the bracketing radius is checked.",
         ],
     }
-    write_json(config.out_dir / f"{NAME}.json", record)
-    import json
-
-    plot(json.loads((config.out_dir / f"{NAME}.json").read_text()), config.out_dir / f"{NAME}.png")
+    save_record(record, config.out_dir, NAME, plot)
     return record
 
 
 def main(argv=None) -> dict:
-    config = parse_args(NAME, __doc__.splitlines()[0], argv, full_seeds=FULL_SEEDS, quick_seeds=QUICK_SEEDS)
-    record = run(config)
-    print(f"{NAME}: all checks passed = {record['all_checks_passed']} ({record['runtime_s']:.1f} s)")
-    return record
+    return experiment_main(NAME, __doc__, run, argv, full_seeds=FULL_SEEDS, quick_seeds=QUICK_SEEDS)
 
 
 if __name__ == "__main__":

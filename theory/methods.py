@@ -34,6 +34,8 @@ import numpy as np
 
 from theory import bounds
 from theory.common import (
+    experiment_main,
+    save_record,
     BRACKETING_FORMULA,
     RunConfig,
     Stopwatch,
@@ -43,13 +45,11 @@ from theory.common import (
     command_line,
     geometric_grid,
     make_instance,
-    parse_args,
     plt_module,
     progress_bar,
     run_jobs,
     save_figure,
     seed_list,
-    write_json,
 )
 
 NAME = "methods"
@@ -345,18 +345,12 @@ def run(config: RunConfig, cfg: Config | None = None) -> dict:
             "The teacher is the softmax policy at temperature teacher_temperature (suboptimal).",
         ],
     }
-    write_json(config.out_dir / f"{NAME}.json", record)
-    import json
-
-    plot(json.loads((config.out_dir / f"{NAME}.json").read_text()), config.out_dir / f"{NAME}.png")
+    save_record(record, config.out_dir, NAME, plot)
     return record
 
 
 def main(argv=None) -> dict:
-    config = parse_args(NAME, __doc__.splitlines()[0], argv, full_seeds=FULL_SEEDS, quick_seeds=QUICK_SEEDS)
-    record = run(config)
-    print(f"{NAME}: all checks passed = {record['all_checks_passed']} ({record['runtime_s']:.1f} s)")
-    return record
+    return experiment_main(NAME, __doc__, run, argv, full_seeds=FULL_SEEDS, quick_seeds=QUICK_SEEDS)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,8 @@ import numpy as np
 
 from theory import bounds
 from theory.common import (
+    experiment_main,
+    save_record,
     ANYTIME_FORMULA,
     RunConfig,
     Stopwatch,
@@ -43,7 +45,6 @@ from theory.common import (
     fit_loglog_slope,
     geometric_grid,
     make_instance,
-    parse_args,
     plot_band,
     plt_module,
     progress_bar,
@@ -52,7 +53,6 @@ from theory.common import (
     tidy_log_axes,
     seed_list,
     slope_check,
-    write_json,
 )
 
 NAME = "regret"
@@ -342,18 +342,12 @@ def run(config: RunConfig, cfg: Config | None = None) -> dict:
         "cpu_s": float(sum(results[s]["cpu_s"] for s in STUDENTS)),
         "notes": notes,
     }
-    write_json(config.out_dir / f"{NAME}.json", record)
-    import json
-
-    plot(json.loads((config.out_dir / f"{NAME}.json").read_text()), config.out_dir / f"{NAME}.png")
+    save_record(record, config.out_dir, NAME, plot)
     return record
 
 
 def main(argv=None) -> dict:
-    config = parse_args(NAME, __doc__.splitlines()[0], argv, full_seeds=FULL_SEEDS, quick_seeds=QUICK_SEEDS)
-    record = run(config)
-    print(f"{NAME}: all checks passed = {record['all_checks_passed']} ({record['runtime_s']:.1f} s)")
-    return record
+    return experiment_main(NAME, __doc__, run, argv, full_seeds=FULL_SEEDS, quick_seeds=QUICK_SEEDS)
 
 
 if __name__ == "__main__":
