@@ -174,7 +174,7 @@ class _PreferenceGame(Objective):
 
     def start_round(self, round_index: int, steps: range) -> None:
         """Algorithm 2, one round: responses -> judge -> store (one append) -> MLE warm start."""
-        run, p = self.run, self.p
+        run = self.run
         self.round = round_index
         if round_index < self.store.rounds_completed():  # labelled before an interruption: reuse, never relabel
             records = self.store.records(round_index)
