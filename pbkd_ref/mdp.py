@@ -381,9 +381,8 @@ def sample_trajectories(mdp: MDP, pi, n, rng) -> tuple[np.ndarray, np.ndarray]:
     return states, actions
 
 
-def trajectory_features(mdp: MDP, states, actions) -> np.ndarray:
-    """``phi(tau) = sum_h phi[h, s_h, a_h]`` for each trajectory; returns ``(n, d)``."""
-    mdp = _check_mdp(mdp)
+def check_trajectories(mdp: MDP, states, actions) -> tuple[np.ndarray, np.ndarray]:
+    """Validate sampled trajectories: integer arrays of shape ``(n, H)`` with entries in range."""
     states = np.asarray(states)
     actions = np.asarray(actions)
     for name, arr, bound in (("states", states, mdp.S), ("actions", actions, mdp.A)):
@@ -395,5 +394,12 @@ def trajectory_features(mdp: MDP, states, actions) -> np.ndarray:
             raise ValueError(f"{name} entries must lie in [0, {bound}); got range [{arr.min()}, {arr.max()}]")
     if states.shape != actions.shape:
         raise ValueError(f"states {states.shape} and actions {actions.shape} must have the same shape")
+    return states, actions
+
+
+def trajectory_features(mdp: MDP, states, actions) -> np.ndarray:
+    """``phi(tau) = sum_h phi[h, s_h, a_h]`` for each trajectory; returns ``(n, d)``."""
+    mdp = _check_mdp(mdp)
+    states, actions = check_trajectories(mdp, states, actions)
     steps = np.arange(mdp.H)[None, :]
     return mdp.phi[steps, states, actions].sum(axis=1)

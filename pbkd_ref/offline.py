@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pbkd_ref.mdp import MDP, plan, rewards
+from pbkd_ref.mdp import MDP, check_trajectories, plan, rewards
 from pbkd_ref.solvers import MinMaxResult, solve
 
 
@@ -91,16 +91,7 @@ def behaviour_cloning(mdp: MDP, states, actions) -> np.ndarray:
     states never visited at step h get the uniform policy.
     """
     _check_mdp(mdp)
-    states, actions = np.asarray(states), np.asarray(actions)
-    for name, arr, bound in (("states", states, mdp.S), ("actions", actions, mdp.A)):
-        if arr.ndim != 2 or arr.shape[1] != mdp.H:
-            raise ValueError(f"{name} must have shape (n, H) with H = {mdp.H}, got {arr.shape}")
-        if not np.issubdtype(arr.dtype, np.integer):
-            raise ValueError(f"{name} must be integers, got dtype {arr.dtype}")
-        if arr.size and (arr.min() < 0 or arr.max() >= bound):
-            raise ValueError(f"{name} must lie in [0, {bound}), got range [{arr.min()}, {arr.max()}]")
-    if states.shape != actions.shape:
-        raise ValueError(f"states {states.shape} and actions {actions.shape} must have the same shape")
+    states, actions = check_trajectories(mdp, states, actions)
     counts = np.zeros((mdp.H, mdp.S, mdp.A))
     steps = np.broadcast_to(np.arange(mdp.H), states.shape)
     np.add.at(counts, (steps.ravel(), states.ravel(), actions.ravel()), 1.0)
