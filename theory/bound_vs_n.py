@@ -36,6 +36,7 @@ import numpy as np
 
 from theory import bounds
 from theory.common import (
+    config_instance,
     experiment_main,
     save_record,
     BRACKETING_FORMULA,
@@ -49,7 +50,6 @@ from theory.common import (
     curve_slope,
     fit_loglog_slope,
     geometric_grid,
-    make_instance,
     plot_band,
     plt_module,
     prefix_sample,
@@ -103,12 +103,6 @@ class Config:
         return 2.0 * self.L
 
 
-def _instance(cfg: Config, family: str):
-    spec = dict(cfg.instances[family])
-    return make_instance(family, seed=spec.pop("seed"), B=cfg.B, L=cfg.L, theta_norm=cfg.theta_norm,
-                         teacher_temperature=cfg.teacher_temperature, **spec)
-
-
 _PER_SEED = ("subopt", "width", "C_N", "bound_design", "covered", "L_x_observed", "zeta")
 _PER_SEED_TEACHER = ("teacher_gap", "teacher_event_bound", "teacher_covered", "v_E_error")
 
@@ -126,7 +120,7 @@ def seed_job(job: tuple) -> dict:
 
     cfg, family, seed = job
     start = time.process_time()
-    inst = _instance(cfg, family)
+    inst = config_instance(cfg, family)
     mdp, d = inst.mdp, inst.mdp.d
     grid = geometric_grid(cfg.N_min, cfg.N_max, cfg.n_grid)
     u = inst.v_star - inst.v_E  # direction of estimand 1; estimand 3 looks along -u
@@ -176,7 +170,7 @@ def run_family(cfg: Config, family: str, seeds: list[int], gaps: GapTracker, bar
     """All seeds and grid points of one family: per-seed arrays (K, P) and the bound curves."""
     from theory.concentrability import population_coefficient
 
-    inst = _instance(cfg, family)
+    inst = config_instance(cfg, family)
     mdp, d = inst.mdp, inst.mdp.d
     grid = geometric_grid(cfg.N_min, cfg.N_max, cfg.n_grid)
     rows = run_jobs(seed_job, [(cfg, family, seed) for seed in seeds], workers=workers, bar=bar)

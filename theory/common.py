@@ -620,6 +620,14 @@ def make_instance(
     )
 
 
+def config_instance(cfg, family: str):
+    """The instance of `family` that an experiment's config names (seed and sizes in
+    `cfg.instances[family]`, scale and teacher from the config's shared fields)."""
+    spec = dict(cfg.instances[family])
+    return make_instance(family, seed=spec.pop("seed"), B=cfg.B, L=cfg.L, theta_norm=cfg.theta_norm,
+                         teacher_temperature=cfg.teacher_temperature, **spec)
+
+
 def prefix_sample(sample, N: int):
     """The first `N` pairs of a `PairSample`: nested data sets along the grid (one data stream per seed)."""
     from pbkd_ref.preferences import PairSample

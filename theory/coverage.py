@@ -28,6 +28,7 @@ import numpy as np
 from scipy.stats import chi2 as chi2_distribution
 
 from theory.common import (
+    config_instance,
     experiment_main,
     save_record,
     BRACKETING_FORMULA,
@@ -38,7 +39,6 @@ from theory.common import (
     collect_checks,
     command_line,
     geometric_grid,
-    make_instance,
     plt_module,
     progress_bar,
     run_jobs,
@@ -81,12 +81,6 @@ class Config:
         return 2.0 * self.L
 
 
-def _instance(cfg: Config, family: str):
-    spec = dict(cfg.instances[family])
-    return make_instance(family, seed=spec.pop("seed"), B=cfg.B, L=cfg.L, theta_norm=cfg.theta_norm,
-                         teacher_temperature=cfg.teacher_temperature, **spec)
-
-
 def seed_job(job: tuple) -> dict:
     """One seed of one family over the grid (a worker-process job): coverage per radius, the statistic."""
     from pbkd_ref.confidence import RADII, LikelihoodSet, radius
@@ -95,7 +89,7 @@ def seed_job(job: tuple) -> dict:
 
     cfg, family, seed = job
     start = time.process_time()
-    inst = _instance(cfg, family)
+    inst = config_instance(cfg, family)
     grid = geometric_grid(cfg.N_min, cfg.N_max, cfg.n_grid)
     d = inst.mdp.d
     covered = {kind: np.zeros(len(grid), dtype=bool) for kind in RADII}
@@ -126,7 +120,7 @@ def run_family(cfg: Config, family: str, seeds: list[int], bar, workers: int) ->
 
     rows = run_jobs(seed_job, [(cfg, family, seed) for seed in seeds], workers=workers, bar=bar)
     return {
-        "instance": _instance(cfg, family),
+        "instance": config_instance(cfg, family),
         "grid": geometric_grid(cfg.N_min, cfg.N_max, cfg.n_grid),
         "covered": {kind: np.array([row["covered"][kind] for row in rows]) for kind in RADII},
         "zeta": {kind: np.array([row["zeta"][kind] for row in rows]) for kind in RADII},

@@ -34,6 +34,7 @@ import numpy as np
 
 from theory import bounds
 from theory.common import (
+    config_instance,
     experiment_main,
     save_record,
     BRACKETING_FORMULA,
@@ -44,7 +45,6 @@ from theory.common import (
     collect_checks,
     command_line,
     geometric_grid,
-    make_instance,
     plt_module,
     progress_bar,
     run_jobs,
@@ -109,12 +109,6 @@ class Config:
         return 2.0 * self.L
 
 
-def _instance(cfg: Config, family: str):
-    spec = dict(cfg.instances[family])
-    return make_instance(family, seed=spec.pop("seed"), B=cfg.B, L=cfg.L, theta_norm=cfg.theta_norm,
-                         teacher_temperature=cfg.teacher_temperature, **spec)
-
-
 def q_features(cfg: Config, family: str, inst) -> dict[str, np.ndarray]:
     """The two Q-function classes of MM PbKD: the teacher's successor features, and those plus random ones.
 
@@ -147,7 +141,7 @@ def seed_job(job: tuple) -> dict:
 
     cfg, family, seed = job
     start = time.process_time()
-    inst = _instance(cfg, family)
+    inst = config_instance(cfg, family)
     mdp = inst.mdp
     grid = geometric_grid(cfg.N_min, cfg.N_max, cfg.n_grid)
     psis = q_features(cfg, family, inst)
@@ -196,7 +190,7 @@ def seed_job(job: tuple) -> dict:
 
 
 def analyse_family(cfg: Config, family: str, rows: list[dict], rng: np.random.Generator) -> tuple[dict, dict]:
-    inst = _instance(cfg, family)
+    inst = config_instance(cfg, family)
     J_star, J_E = inst.J(inst.v_star), inst.J(inst.v_E)
     results = {"methods": {}}
     for name in METHODS:
@@ -310,7 +304,7 @@ def run(config: RunConfig, cfg: Config | None = None) -> dict:
         results[family], fam_checks = analyse_family(cfg, family, fam_rows, rng)
         checks.update({f"{family}/{k}": v for k, v in fam_checks.items()})
         max_gap = max(max_gap, fam_checks["solver_certified"]["max_certificate_gap"])
-        inst = _instance(cfg, family)
+        inst = config_instance(cfg, family)
         instances[family] = {**inst.to_json(), "q_features": {
             "mm_pbkd_successor": f"successor_features(mdp, pi_E) (k = {inst.mdp.d})",
             "mm_pbkd_rich": f"successor features + {cfg.extra_q_features} random features (k = "
