@@ -108,8 +108,8 @@ from pbkd_ref.mdp import (
     token_tree_mdp,
     trajectory_features,
 )
-from pbkd_ref.mm_pbkd import mm_pbkd, sample_trajectory_pairs, successor_features
-from pbkd_ref.preferences import aggregate, nll_derivatives
+from pbkd_ref.mm_pbkd import mm_pbkd, successor_features
+from pbkd_ref.preferences import aggregate, nll_derivatives, sample_trajectory_pairs
 from pbkd_ref.solvers import MinMaxResult, certificate, solve
 
 DTYPE = torch.float64
@@ -559,7 +559,7 @@ def build_instance(cfg: BridgeConfig, *, mm_student: str = "sequence_rloo") -> B
     ``pi_E`` is a softmax policy of a perturbed reward (a suboptimal teacher, so the student can
     improve on it); the reference policy of the pairs is uniform; ``tau0 ~ pi_E``,
     ``tau1 ~ uniform``, ``o ~ Bernoulli(sigma(theta*^T (phi(tau1) - phi(tau0))))``
-    (``pbkd_ref.mm_pbkd.sample_trajectory_pairs``, same draws as
+    (``pbkd_ref.preferences.sample_trajectory_pairs``, same draws as
     ``pbkd_ref.preferences.sample_preferences``).  PbKD uses ``C(D)`` over ``theta`` in ``phi``;
     MM PbKD the same pairs in the induced features ``phi_Q`` and ``C(D)`` over ``w``.
     """

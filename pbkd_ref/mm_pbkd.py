@@ -39,15 +39,11 @@ from pbkd_ref.mdp import (
     _as_float_array,
     _check_mdp,
     _check_policy,
-    _check_positive_int,
-    _check_rng,
     evaluate,
     feature_expectation,
     occupancy,
-    sample_trajectories,
-    trajectory_features,
 )
-from pbkd_ref.preferences import PairSample, aggregate, label_probability
+from pbkd_ref.preferences import TrajectoryPairs, aggregate
 from pbkd_ref.solvers import MinMaxResult, solve
 
 
@@ -151,70 +147,6 @@ def successor_features(mdp: MDP, pi_E) -> np.ndarray:
     for k in range(mdp.d):
         psi[..., k], _ = evaluate(mdp, pi_E, mdp.phi[..., k])
     return psi
-
-
-@dataclass(frozen=True, eq=False)
-class TrajectoryPairs:
-    """Labelled trajectory pairs kept as trajectories, so any feature map can be applied to them.
-
-    ``tau0 = (states0[n], actions0[n]) ~ pi_E``, ``tau1 = (states1[n], actions1[n]) ~ pi_ref``,
-    ``y[n] = 1`` when ``tau1`` is preferred under the true reward.
-    """
-
-    states0: np.ndarray
-    actions0: np.ndarray
-    states1: np.ndarray
-    actions1: np.ndarray
-    y: np.ndarray
-
-    def __post_init__(self) -> None:
-        arrays = {name: np.asarray(getattr(self, name)) for name in ("states0", "actions0", "states1", "actions1")}
-        shape = arrays["states0"].shape
-        for name, arr in arrays.items():
-            if arr.ndim != 2 or arr.shape != shape or not np.issubdtype(arr.dtype, np.integer):
-                raise ValueError(
-                    f"{name} must be an integer (N, H) array like states0 {shape}; got {arr.dtype} {arr.shape}"
-                )
-        y = np.asarray(self.y)
-        if y.shape != (shape[0],) or not np.all(np.isin(y, (0, 1))):
-            raise ValueError(f"y must hold N = {shape[0]} labels in {{0, 1}}; got shape {y.shape}")
-        for name, arr in {**arrays, "y": y.astype(np.int64)}.items():
-            arr = arr.copy()
-            arr.setflags(write=False)
-            object.__setattr__(self, name, arr)
-
-    @property
-    def N(self) -> int:
-        return int(self.y.shape[0])
-
-    def pair_sample(self, mdp: MDP) -> PairSample:
-        """The pairs in the features of ``mdp`` (the original ``phi`` or an induced ``phi_Q``)."""
-        teacher = trajectory_features(mdp, self.states0, self.actions0)
-        reference = trajectory_features(mdp, self.states1, self.actions1)
-        return PairSample(X=reference - teacher, y=self.y, teacher_features=teacher, reference_features=reference)
-
-
-def sample_trajectory_pairs(mdp: MDP, pi_E, pi_ref, theta_star, N, rng) -> TrajectoryPairs:
-    """``N`` pairs ``tau0 ~ pi_E``, ``tau1 ~ pi_ref`` labelled by Bradley-Terry under the true reward ``phi theta*``.
-
-    Draws in the order of ``pbkd_ref.preferences.sample_preferences`` (teacher trajectories,
-    reference trajectories, labels), so with the same generator state
-    ``pair_sample(mdp)`` reproduces its ``PairSample`` and black-box PbKD and MM PbKD can be
-    compared on the same data.
-    """
-    mdp = _check_mdp(mdp)
-    pi_E = _check_policy(mdp, pi_E, "pi_E")
-    pi_ref = _check_policy(mdp, pi_ref, "pi_ref")
-    theta_star = _as_float_array(theta_star, "theta_star", 1)
-    if theta_star.shape != (mdp.d,):
-        raise ValueError(f"theta_star must have shape (d,) = ({mdp.d},); got {theta_star.shape}")
-    N = _check_positive_int(N, "N", minimum=0)
-    rng = _check_rng(rng)
-    states0, actions0 = sample_trajectories(mdp, pi_E, N, rng)
-    states1, actions1 = sample_trajectories(mdp, pi_ref, N, rng)
-    X = trajectory_features(mdp, states1, actions1) - trajectory_features(mdp, states0, actions0)
-    y = (rng.random(N) < label_probability(X, theta_star)).astype(np.int64)
-    return TrajectoryPairs(states0=states0, actions0=actions0, states1=states1, actions1=actions1, y=y)
 
 
 @dataclass

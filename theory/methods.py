@@ -7,7 +7,7 @@ writes `figures/methods.png` and its JSON twin `figures/methods.json`.
 Spec tabular.md section 4 ("Tabular baselines for comparison on the same instances") and
 section 5. For each family (fixed instance) and seed, one stream of labelled trajectory pairs
 (`tau0 ~ pi_E`, the suboptimal softmax teacher; `tau1 ~` the uniform reference) is drawn with
-`pbkd_ref.mm_pbkd.sample_trajectory_pairs`, and every method sees its first `N` pairs:
+`pbkd_ref.preferences.sample_trajectory_pairs`, and every method sees its first `N` pairs:
 
 - `pbkd_white_box`: Algorithm 1 with the exact `v_E`;
 - `pbkd_black_box`: Algorithm 1 with `v_hat_E` = mean teacher trajectory feature of the pairs;
@@ -126,7 +126,7 @@ def q_features(cfg: Config, family: str, inst) -> dict[str, np.ndarray]:
 
 
 def _prefix_pairs(pairs, N: int):
-    from pbkd_ref.mm_pbkd import TrajectoryPairs
+    from pbkd_ref.preferences import TrajectoryPairs
 
     return TrajectoryPairs(states0=pairs.states0[:N], actions0=pairs.actions0[:N], states1=pairs.states1[:N],
                            actions1=pairs.actions1[:N], y=pairs.y[:N])
@@ -135,7 +135,8 @@ def _prefix_pairs(pairs, N: int):
 def seed_job(job: tuple) -> dict:
     """Every method on the first N pairs of one stream, for each N of the grid (a worker-process job)."""
     from pbkd_ref.mdp import feature_expectation
-    from pbkd_ref.mm_pbkd import mm_pbkd, sample_trajectory_pairs
+    from pbkd_ref.mm_pbkd import mm_pbkd
+    from pbkd_ref.preferences import sample_trajectory_pairs
     from pbkd_ref.offline import ball_moment_matching, behaviour_cloning, mle_plugin, offline_pbkd
     from theory.concentrability import sample_coefficient
 

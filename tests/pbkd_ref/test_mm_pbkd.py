@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 
 from pbkd_ref.mdp import MDP, evaluate, feature_expectation, random_mdp, rewards, softmax_policy, token_tree_mdp, value
 from pbkd_ref.mm_pbkd import (
-    TrajectoryPairs,
     induced_features,
     induced_mdp,
     induced_reward,
@@ -21,11 +20,10 @@ from pbkd_ref.mm_pbkd import (
     off_policy_moment,
     on_policy_moment,
     q_function,
-    sample_trajectory_pairs,
     successor_features,
 )
 from pbkd_ref.offline import offline_pbkd
-from pbkd_ref.preferences import sample_preferences
+from pbkd_ref.preferences import TrajectoryPairs, sample_preferences, sample_trajectory_pairs
 
 
 def _policy(rng, mdp, concentration=1.0):
