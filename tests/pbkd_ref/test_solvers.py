@@ -165,7 +165,7 @@ def test_monotonicity_in_the_confidence_set(seed):
 
 def relabel(mdp: MDP, state_perm: np.ndarray, action_perm: np.ndarray) -> MDP:
     """Rename state s as state_perm[s] and, at (h, s), action a as action_perm[h, s, a]."""
-    H, S, A, d = mdp.H, mdp.S, mdp.A, mdp.d
+    H, S, A = mdp.H, mdp.S, mdp.A
     h, s, a = np.meshgrid(np.arange(H), np.arange(S), np.arange(A), indexing="ij")
     new_s, new_a = state_perm[s], action_perm[h, s, a]
     phi = np.empty_like(mdp.phi)
