@@ -4,21 +4,30 @@ Two experiments, each a sequence of ordinary `llm/train.py` runs on one student,
 set and step budget:
 
 * the comparison table: every method of ``--methods`` for every training seed of ``--seeds``,
-  scored on the test set by the section 5 protocol (Rouge-L and exact match, sampling seeds
-  ``eval.test_seeds``) and written to ``figures/llm_methods.json`` and ``.md`` (mean and std over
-  the training seeds of each method);
+  scored on the test set by the section 5 protocol and written to ``figures/llm_methods.json``
+  and ``.md`` (mean and std over the training seeds of each method);
 * the round-by-round figure (the analogue of the paper's Figure 3): online ``pbkd`` with
   ``--rounds`` rounds for each reward-model size of ``--rm-sizes``; the validation Rouge-L of
   the student after 0, 1, ..., T rounds, written to ``figures/llm_rounds.png`` and ``.json``.
 
+The starting student. As in MiniLLM and DistiLLM, every method starts from one student that was
+first fine-tuned on the gold responses: a warm-start ``sft`` run of ``--warm-start-steps`` steps
+(``warm-start`` in ``--out-dir``, trained once and shared by every method and seed; its own
+test score is the table's first row). The pruned testbed student writes near-empty text before
+training (Rouge-L 0.1), which a policy gradient on a learned reward cannot get off the ground
+from; ``--warm-start-steps 0`` starts every method from the config's student instead.
+
+Every run keeps its folder ``<out-dir>/<method>-seed<seed>`` and, once finished, an
+``experiment.json`` record there. Running the same command again reuses finished runs, resumes a
+run that was stopped after a checkpoint, and trains only what is missing; the table files are
+rewritten after every run, so a table cut short still holds every finished run. Each record
+keeps the run's wall time, so the budget of a larger table can be read off a smaller one.
+
     python -m llm.experiments --methods sft seqkd fkl rkl jsd akl dpkd pbkd_offline pbkd_online mm_pbkd \\
-        --seeds 10 20 30 40 50                            # the full table (hours on a CPU)
-    python -m llm.experiments --methods fkl pbkd_offline --seeds 10 max_steps=40   # a slice
-    python -m llm.experiments --rounds-figure --rm-sizes 1x32 2x64 2x128 --rounds 4
+        --seeds 10 20 30 40 50 max_steps=100 eval.before=false      # the full table (hours on a CPU)
+    python -m llm.experiments --rounds-figure --rm-sizes 1x32 2x64 2x128 --rounds 4 max_steps=100
 
 Trailing ``key=value`` arguments override the config of every run (e.g. ``max_steps=40``).
-Each run's wall time is recorded next to its numbers, so the budget of a larger table can be
-read off a smaller one.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -34,6 +44,7 @@ from llm.evaluate import results_table
 from llm.train import DEFAULT_CONFIG, test_set_name, train
 
 FIGURES = Path(__file__).resolve().parents[1] / "figures"
+RECORD = "experiment.json"
 
 METHODS = {
     "sft": ["objective=sft"],
@@ -56,45 +67,109 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return mean, std
 
 
-def run_one(config: str, overrides: list[str], run_name: str, out_dir: str) -> tuple[dict, float]:
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def run_one(config: str, overrides: list[str], run_name: str, out_dir: str) -> dict:
+    """One `llm/train.py` run, trained, resumed or reused.
+
+    Returns its record: the overrides, the test set, the final results table, the training state,
+    the run folder and the wall time of the invocation(s) that trained it. A folder whose record
+    was written with other overrides is refused (another --out-dir, or remove the folder)."""
+    folder = Path(out_dir) / run_name
+    record_path = folder / RECORD
+    if record_path.is_file():
+        record = json.loads(record_path.read_text())
+        if record["overrides"] != overrides:
+            raise ValueError(f"{folder} holds a finished run with overrides {record['overrides']}, not {overrides}; "
+                             "use another --out-dir or remove that folder")
+        print(f"[experiments] {run_name}: reusing the finished run in {folder}", flush=True)
+        return record
     cfg = load_config(config, [*overrides, f"run_name={run_name}", f"out_dir={out_dir}"])
+    resume = (folder / "checkpoints" / "latest").exists()
     started = time.perf_counter()
-    result = train(cfg)
-    return {"result": result, "test_set": test_set_name(cfg)}, time.perf_counter() - started
+    result = train(cfg, resume=resume)
+    seconds = time.perf_counter() - started
+    if result["results"] is None:
+        raise RuntimeError(f"{run_name} stopped before max_steps ({result['state']['step']}/{cfg.max_steps})")
+    run_dir = Path(result["run_dir"])
+    record = {"overrides": overrides, "test_set": test_set_name(cfg), "results": result["results"],
+              "state": result["state"], "run_dir": run_dir.name, "seconds": round(seconds, 1), "resumed": resume}
+    if run_dir != folder:  # the name was taken by an unfinished run without a checkpoint; keep both
+        print(f"[experiments] {run_name} trained in {run_dir} ({folder} holds an unfinished run)", flush=True)
+    _write_atomic(run_dir / RECORD, json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def student_after(record: dict) -> dict:
+    """The test metrics of the trained student (best validation checkpoint) of a run record."""
+    rows = record["results"]
+    return next(v for k, v in rows.items() if k.startswith("student (after"))[record["test_set"]]
+
+
+def warm_start(steps: int, config: str, overrides: list[str], out_dir: str) -> tuple[list[str], dict | None]:
+    """The shared starting student: (overrides that start a run from it, the warm-start run's record).
+
+    ``steps == 0``: no warm start, every run starts from the config's student."""
+    if steps == 0:
+        return [], None
+    record = run_one(config, [*overrides, "objective=sft", f"max_steps={steps}", "seed=0"], "warm-start", out_dir)
+    best = (Path(out_dir) / record["run_dir"] / "checkpoints" / "best").resolve()
+    return ["student_init=pretrained", f"student={best}"], record
 
 
 def comparison_table(methods: list[str], seeds: list[int], config: str, overrides: list[str], out_dir: str,
-                     figures: Path = FIGURES) -> dict:
-    """Train every method for every seed; write figures/llm_methods.{json,md}; return the table data."""
+                     warm_start_steps: int = 100, figures: Path = FIGURES) -> dict:
+    """Train every method for every seed from the warm start; write figures/llm_methods.{json,md}."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; valid methods: {list(METHODS)}")
-    table, runs = {}, {}
+    if not seeds:
+        raise ValueError("--seeds needs at least one training seed")
+    start, warm = warm_start(warm_start_steps, config, overrides, out_dir)
+    runs: dict[str, list[dict]] = {}
+    total, done = len(methods) * len(seeds), 0
     for method in methods:
-        per_seed = []
+        runs[method] = []
         for seed in seeds:
-            out, seconds = run_one(config, [*METHODS[method], f"seed={seed}", *overrides], f"{method}-seed{seed}", out_dir)
-            rows = out["result"]["results"]
-            after = next(v for k, v in rows.items() if k.startswith("student (after"))[out["test_set"]]
-            per_seed.append({"seed": seed, "rouge_l": after["rouge_l"], "exact_match": after["exact_match"],
-                             "seconds": round(seconds, 1), "run_dir": Path(out["result"]["run_dir"]).name})
-            if "teacher" in rows and "teacher" not in table:
-                table["teacher"] = {out["test_set"]: rows["teacher"][out["test_set"]]}
-            test_set = out["test_set"]
+            done += 1
+            print(f"[experiments] run {done}/{total}: {method} seed {seed}", flush=True)
+            record = run_one(config, [*METHODS[method], f"seed={seed}", *overrides, *start], f"{method}-seed{seed}",
+                             out_dir)
+            after = student_after(record)
+            runs[method].append({"seed": seed, "rouge_l": after["rouge_l"], "exact_match": after["exact_match"],
+                                 "seconds": record["seconds"], "best_step": record["state"]["best_step"],
+                                 "run_dir": record["run_dir"], "teacher": record["results"].get("teacher")})
+            payload = _table_payload(runs, warm, seeds, config, overrides, warm_start_steps, record["test_set"])
+            figures.mkdir(parents=True, exist_ok=True)
+            _write_atomic(figures / "llm_methods.json", json.dumps(payload, indent=2) + "\n")
+            _write_atomic(figures / "llm_methods.md", results_table(payload["table"]))
+    print(results_table(payload["table"]), flush=True)
+    return payload
+
+
+def _table_payload(runs, warm, seeds, config, overrides, warm_start_steps, test_set) -> dict:
+    """The table of the runs finished so far: one row per method (mean ± std over its finished seeds)."""
+    table = {}
+    if warm is not None:
+        table[f"start (sft warm start, {warm_start_steps} steps)"] = {test_set: student_after(warm)}
+    for method, per_seed in runs.items():
+        if not per_seed:
+            continue
         r_mean, r_std = _mean_std([s["rouge_l"] for s in per_seed])
         em_mean, em_std = _mean_std([s["exact_match"] for s in per_seed])
         table[method] = {test_set: {"rouge_l": r_mean, "rouge_l_std": r_std, "exact_match": em_mean,
-                                    "exact_match_std": em_std, "seeds": seeds}}  # std over training seeds
-        runs[method] = per_seed
-        print(f"[experiments] {method}: Rouge-L {r_mean:.2f} +- {r_std:.2f} over seeds {seeds}", flush=True)
-    order = [m for m in methods] + (["teacher"] if "teacher" in table else [])
-    table = {m: table[m] for m in order}
-    payload = {"command_overrides": overrides, "config": str(config), "seeds": seeds, "table": table, "runs": runs}
-    figures.mkdir(parents=True, exist_ok=True)
-    (figures / "llm_methods.json").write_text(json.dumps(payload, indent=2) + "\n")
-    (figures / "llm_methods.md").write_text(results_table(table))
-    print(results_table(table), flush=True)
-    return payload
+                                    "exact_match_std": em_std, "seeds": [s["seed"] for s in per_seed]}}
+    teacher = next((s["teacher"] for per_seed in runs.values() for s in per_seed if s["teacher"]), None)
+    if teacher is not None:
+        table["teacher"] = teacher
+    return {"config": str(config), "command_overrides": overrides, "seeds": seeds,
+            "warm_start_steps": warm_start_steps, "std_over": "training seeds", "table": table,
+            "runs": {m: [{k: v for k, v in s.items() if k != "teacher"} for s in per_seed] for m, per_seed in runs.items()},
+            "complete": all(len(per_seed) == len(seeds) for per_seed in runs.values())}
 
 
 def parse_size(text: str) -> dict:
@@ -108,24 +183,26 @@ def parse_size(text: str) -> dict:
 
 
 def rounds_figure(sizes: list[str], rounds: int, seed: int, config: str, overrides: list[str], out_dir: str,
-                  figures: Path = FIGURES) -> dict:
-    """Online pbkd for each reward-model size: validation Rouge-L after 0..T rounds -> figures/llm_rounds.*"""
+                  warm_start_steps: int = 100, figures: Path = FIGURES) -> dict:
+    """Online pbkd from the warm start for each reward-model size: validation Rouge-L after 0..T rounds
+    -> figures/llm_rounds.{png,json}."""
+    start, _ = warm_start(warm_start_steps, config, overrides, out_dir)
     curves = {}
     for size in sizes:
         rm = parse_size(size)
         rm_text = "{" + ", ".join(f"{k}: {v}" for k, v in rm.items()) + "}"
-        out, seconds = run_one(config, ["objective=pbkd", f"online.rounds={rounds}", f"seed={seed}",
-                                        "pbkd.rm_init=fresh", f"pbkd.rm_config={rm_text}", *overrides],
-                               f"rounds-rm{size}-seed{seed}", out_dir)
-        run_dir = Path(out["result"]["run_dir"])
+        record = run_one(config, ["objective=pbkd", f"online.rounds={rounds}", f"seed={seed}", "pbkd.rm_init=fresh",
+                                  f"pbkd.rm_config={rm_text}", *overrides, *start], f"rounds-rm{size}-seed{seed}", out_dir)
+        run_dir = Path(out_dir) / record["run_dir"]
         lines = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines() if x.strip()]
-        scores = [line["valid_rouge_l"] for line in lines] + [out["result"]["state"]["valid_history"][-1][1]]
+        scores = [line["valid_rouge_l"] for line in lines] + [record["state"]["valid_history"][-1][1]]
         curves[size] = {"rounds_completed": list(range(len(scores))), "valid_rouge_l": scores,
-                        "rounds": lines, "seconds": round(seconds, 1)}
+                        "test_rouge_l": student_after(record)["rouge_l"], "rounds": lines, "seconds": record["seconds"]}
         print(f"[experiments] rm {size}: valid Rouge-L by round {[round(s, 2) for s in scores]}", flush=True)
     figures.mkdir(parents=True, exist_ok=True)
-    payload = {"rounds": rounds, "seed": seed, "config": str(config), "command_overrides": overrides, "curves": curves}
-    (figures / "llm_rounds.json").write_text(json.dumps(payload, indent=2) + "\n")
+    payload = {"rounds": rounds, "seed": seed, "config": str(config), "command_overrides": overrides,
+               "warm_start_steps": warm_start_steps, "curves": curves}
+    _write_atomic(figures / "llm_rounds.json", json.dumps(payload, indent=2) + "\n")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -137,6 +214,7 @@ def rounds_figure(sizes: list[str], rounds: int, seed: int, config: str, overrid
     ax.set_xlabel("online rounds completed")
     ax.set_ylabel("student validation Rouge-L")
     ax.set_title("Online PbKD: student score by round")
+    ax.set_xticks(range(rounds + 1))
     ax.legend()
     fig.tight_layout()
     fig.savefig(figures / "llm_rounds.png", dpi=120)
@@ -149,6 +227,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="base YAML config (default: the CPU testbed)")
     parser.add_argument("--methods", nargs="*", default=[], help=f"methods of the table: {list(METHODS)}")
     parser.add_argument("--seeds", nargs="*", type=int, default=[10, 20, 30, 40, 50], help="training seeds")
+    parser.add_argument("--warm-start-steps", type=int, default=100,
+                        help="sft steps of the shared starting student (0 = start from the config's student)")
     parser.add_argument("--rounds-figure", action="store_true", help="run the round-by-round figure")
     parser.add_argument("--rm-sizes", nargs="*", default=["1x32", "2x64", "2x128"], help="reward-model sizes LxH")
     parser.add_argument("--rounds", type=int, default=4, help="online rounds of the rounds figure")
@@ -158,13 +238,15 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if not args.methods and not args.rounds_figure:
         parser.error("give --methods and/or --rounds-figure")
+    if args.warm_start_steps < 0:
+        parser.error(f"--warm-start-steps must be >= 0, got {args.warm_start_steps}")
     out = {}
     if args.methods:
         out["table"] = comparison_table(args.methods, args.seeds, args.config, args.overrides, args.out_dir,
-                                        Path(args.figures_dir))
+                                        args.warm_start_steps, Path(args.figures_dir))
     if args.rounds_figure:
         out["rounds"] = rounds_figure(args.rm_sizes, args.rounds, args.seeds[0], args.config, args.overrides,
-                                      args.out_dir, Path(args.figures_dir))
+                                      args.out_dir, args.warm_start_steps, Path(args.figures_dir))
     return out
 
 

@@ -261,11 +261,13 @@ def teacher_responses(run: Run, examples: list[Example]) -> dict[str, str]:
     """Teacher samples y ~ p(.|x) for `examples`, generated once and cached on disk.
 
     The cache (JSONL, one prompt a line, appended as it grows) is keyed by the teacher, the
-    decoding settings and the seed; a later run, or a resumed one, generates only prompts not
-    seen before. The main process generates; the others wait and read the file."""
+    decoding settings and, when the teacher samples, the seed (greedy responses do not depend on
+    it, so runs of every seed share them); a later run, or a resumed one, generates only prompts
+    not seen before. The main process generates; the others wait and read the file."""
     cfg, acc = run.cfg, run.accelerator
-    key = _digest(cfg.teacher, cfg.generation.max_new_tokens, cfg.generation.teacher_greedy,
-                  cfg.data.max_prompt_tokens, cfg.seed)
+    greedy = cfg.generation.teacher_greedy
+    key = _digest(cfg.teacher, cfg.generation.max_new_tokens, greedy, cfg.data.max_prompt_tokens,
+                  None if greedy else cfg.seed)
     path = run.cache_dir / "teacher_responses" / f"{key}.jsonl"
 
     def read() -> dict[str, str]:

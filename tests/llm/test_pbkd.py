@@ -17,65 +17,21 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from transformers import AutoModelForCausalLM
 
 from llm import losses
 from llm import train as trainer
 from llm.config import load_config
 from llm.judges import JUDGES
-from llm.models import gpt2_tokenizer_dir, load_tokenizer, tiny_config
 from llm.pbkd import MMPbKD, PbKD
 from llm.preference_store import PreferenceStore
 from llm.reward_model import NonFiniteRewardError
 
 REPO = Path(__file__).resolve().parents[2]
-WORDS = "red green blue cat dog sun moon tree river stone apple bread lamp cloud".split()
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    import random
-
-    root = tmp_path_factory.mktemp("pbkd_assets")
-    tokenizer = load_tokenizer(gpt2_tokenizer_dir())
-    for name, seed in (("teacher", 1), ("student", 2)):
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(tiny_config("gpt2", len(tokenizer), resid_pdrop=0.0,
-                                                             embd_pdrop=0.0, attn_pdrop=0.0))
-        model.save_pretrained(root / name)
-        tokenizer.save_pretrained(root / name)
-    rng = random.Random(0)
-    for split, n in (("train", 32), ("valid", 4), ("test", 4)):
-        with open(root / f"{split}.jsonl", "w") as handle:
-            for _ in range(n):
-                words = rng.sample(WORDS, rng.randint(1, 4))
-                handle.write(json.dumps({"instruction": "Repeat these words.", "context": " ".join(words),
-                                         "response": " ".join(words), "category": "repeat"}) + "\n")
-    return root
-
-
-def _config(assets, tmp_path, **overrides) -> dict:
-    cfg = {
-        "run_name": "run", "out_dir": str(tmp_path / "runs"), "cache_dir": str(tmp_path / "cache"),
-        "teacher": str(assets / "teacher"), "student": str(assets / "student"), "student_init": "pretrained",
-        "objective": "pbkd",
-        "data": {"source": "files", "train_file": str(assets / "train.jsonl"), "valid_file": str(assets / "valid.jsonl"),
-                 "test_file": str(assets / "test.jsonl"), "max_prompt_tokens": 48, "max_length": 64},
-        "generation": {"max_new_tokens": 5, "batch_size": 8},
-        "eval": {"every": 0, "valid_seeds": [10], "test_seeds": [10], "max_new_tokens": 4, "batch_size": 8,
-                 "before": False, "teacher": False},
-        "optim": {"lr": 1e-3, "schedule": "constant"},
-        "pbkd": {"pairs_per_round": 6, "mle_steps": 3, "bt_batch_size": 4, "judge_options": {"reward_scale": 10.0},
-                 "rm_config": {"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2}},
-        "batch_size": 4, "max_steps": 4, "log_every": 1, "save_every": 0, "num_threads": 1,
-    }
-    for key, value in overrides.items():
-        section = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            section = section.setdefault(p, {})
-        section[leaf] = value
-    return cfg
+def assets(pbkd_assets):
+    return pbkd_assets
 
 
 def _write(tmp_path, cfg) -> Path:
@@ -86,7 +42,7 @@ def _write(tmp_path, cfg) -> Path:
 
 
 def _train(assets, tmp_path, resume=False, **overrides):
-    return trainer.train(load_config(_write(tmp_path, _config(assets, tmp_path, **overrides))), resume=resume)
+    return trainer.train(load_config(_write(tmp_path, assets.config(tmp_path, **overrides))), resume=resume)
 
 
 def _lines(path: Path) -> list[dict]:
@@ -172,7 +128,7 @@ KILL_SCRIPT = textwrap.dedent("""
 
 
 def test_kill_between_labelling_and_training_then_resume_loses_and_duplicates_nothing(assets, tmp_path):
-    cfg = _config(assets, tmp_path, **{"online.rounds": 2, "save_every": 1})
+    cfg = assets.config(tmp_path, **{"online.rounds": 2, "save_every": 1})
     path = _write(tmp_path, cfg)
     script = tmp_path / "kill.py"
     script.write_text(KILL_SCRIPT)
@@ -278,7 +234,7 @@ def _brute_force_terms(run, qhead, examples, responses):
 
 
 def test_mm_pbkd_terms_match_a_float64_brute_force(assets, tmp_path):
-    cfg = load_config(_write(tmp_path, _config(assets, tmp_path, objective="mm_pbkd")))
+    cfg = load_config(_write(tmp_path, assets.config(tmp_path, objective="mm_pbkd")))
     run, objective, *_ = trainer.setup(cfg)
     assert isinstance(objective, MMPbKD)
     examples = run.train_data[:3]

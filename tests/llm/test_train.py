@@ -279,6 +279,15 @@ def test_teacher_responses_are_generated_once_and_cached(assets, tmp_path):
     assert cache[0].stat().st_mtime_ns == stamp  # nothing regenerated
 
 
+@pytest.mark.parametrize("greedy, files", [(True, 1), (False, 2)])
+def test_greedy_teacher_responses_are_shared_across_seeds_sampled_ones_are_not(assets, tmp_path, greedy, files):
+    for seed in (0, 1):
+        cfg = _config(assets, tmp_path, objective="seqkd", max_steps=1, seed=seed,
+                      **{"generation.teacher_greedy": greedy})
+        trainer.train(load_config(_write_config(tmp_path, cfg)))
+    assert len(list((tmp_path / "cache" / "teacher_responses").glob("*.jsonl"))) == files
+
+
 def test_token_objective_on_mismatched_vocabularies_is_refused(assets, tmp_path):
     cfg = load_config(_write_config(tmp_path, _config(assets, tmp_path, objective="fkl",
                                                       student=str(assets["other_vocab_student"]))))

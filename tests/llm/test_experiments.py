@@ -1,0 +1,94 @@
+"""Tests of `llm/experiments.py`: the comparison table and the rounds figure, on tiny models
+(the tiny assets of `conftest.py`), with the warm start, reuse and resume of runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llm import experiments
+from llm import train as trainer
+from llm.config import load_config
+
+
+def _base_config(assets, tmp_path) -> str:
+    path = tmp_path / "base.yaml"
+    path.write_text(yaml.safe_dump(assets.config(tmp_path)))
+    return str(path)
+
+
+def _after(run_dir: Path) -> dict:
+    results = json.loads((run_dir / "results.json").read_text())
+    return next(v for k, v in results.items() if k.startswith("student (after"))["test"]
+
+
+def test_comparison_table_is_the_runs_from_one_warm_start_and_reuses_finished_runs(pbkd_assets, tmp_path, monkeypatch):
+    config, out, figures = _base_config(pbkd_assets, tmp_path), tmp_path / "experiments", tmp_path / "figures"
+    payload = experiments.comparison_table(["sft", "pbkd_offline"], [1, 2], config, ["max_steps=2"], str(out),
+                                           warm_start_steps=2, figures=figures)
+    table = payload["table"]
+    assert list(table) == ["start (sft warm start, 2 steps)", "sft", "pbkd_offline"]
+    warm_best = (out / "warm-start" / "checkpoints" / "best").resolve()
+    for method in ("sft", "pbkd_offline"):
+        scores = []
+        for seed in (1, 2):
+            run_dir = out / f"{method}-seed{seed}"
+            cfg = json.loads((run_dir / "config.json").read_text())
+            assert cfg["student_init"] == "pretrained" and Path(cfg["student"]) == warm_best
+            assert cfg["seed"] == seed and cfg["max_steps"] == 2
+            scores.append(_after(run_dir)["rouge_l"])
+        mean = sum(scores) / 2
+        assert table[method]["test"]["rouge_l"] == pytest.approx(mean)
+        assert table[method]["test"]["rouge_l_std"] == pytest.approx(abs(scores[0] - scores[1]) / 2 ** 0.5)
+        assert [r["rouge_l"] for r in payload["runs"][method]] == scores
+    assert table["start (sft warm start, 2 steps)"]["test"] == _after(out / "warm-start")
+    on_disk = json.loads((figures / "llm_methods.json").read_text())
+    assert on_disk["table"] == table and on_disk["complete"] is True
+    assert "| pbkd_offline |" in (figures / "llm_methods.md").read_text()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(experiments, "train", no_training)
+    again = experiments.comparison_table(["sft", "pbkd_offline"], [1, 2], config, ["max_steps=2"], str(out),
+                                         warm_start_steps=2, figures=figures)
+    assert again["table"] == table
+
+
+def test_run_one_resumes_a_stopped_run_and_refuses_other_overrides(pbkd_assets, tmp_path):
+    config, out = _base_config(pbkd_assets, tmp_path), tmp_path / "experiments"
+    overrides = ["objective=sft", "max_steps=4", "save_every=1"]
+    stopped = trainer.train(load_config(config, [*overrides, "stop_after=2", "run_name=r", f"out_dir={out}"]))
+    assert stopped["results"] is None and stopped["state"]["step"] == 2
+    record = experiments.run_one(config, overrides, "r", str(out))
+    assert record["resumed"] is True and record["state"]["step"] == 4 and record["run_dir"] == "r"
+    assert json.loads((out / "r" / experiments.RECORD).read_text()) == record
+    with pytest.raises(ValueError, match="other --out-dir|another --out-dir"):
+        experiments.run_one(config, ["objective=sft", "max_steps=3"], "r", str(out))
+
+
+def test_rounds_figure_reads_the_per_round_validation_scores(pbkd_assets, tmp_path):
+    config, out, figures = _base_config(pbkd_assets, tmp_path), tmp_path / "experiments", tmp_path / "figures"
+    payload = experiments.rounds_figure(["1x16", "1x32"], 2, 3, config, ["max_steps=4"], str(out),
+                                        warm_start_steps=0, figures=figures)
+    assert set(payload["curves"]) == {"1x16", "1x32"}
+    for size, curve in payload["curves"].items():
+        run_dir = out / f"rounds-rm{size}-seed3"
+        rounds = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
+        assert [r["round"] for r in rounds] == [0, 1]
+        assert curve["valid_rouge_l"][:2] == [r["valid_rouge_l"] for r in rounds]
+        assert len(curve["valid_rouge_l"]) == 3 and curve["rounds_completed"] == [0, 1, 2]
+        cfg = json.loads((run_dir / "config.json").read_text())
+        assert cfg["pbkd"]["rm_config"]["hidden_size"] == int(size.split("x")[1]) and cfg["online"]["rounds"] == 2
+    assert (figures / "llm_rounds.png").stat().st_size > 0
+    assert json.loads((figures / "llm_rounds.json").read_text())["curves"] == payload["curves"]
+
+
+def test_unknown_methods_and_sizes_are_refused_with_the_valid_choices(tmp_path):
+    with pytest.raises(ValueError, match="valid methods: .*pbkd_online"):
+        experiments.comparison_table(["ppo"], [1], "unused.yaml", [], str(tmp_path))
+    with pytest.raises(ValueError, match="LAYERSxWIDTH"):
+        experiments.parse_size("wide")
