@@ -36,6 +36,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -73,33 +74,45 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _folders(out_dir: str, run_name: str) -> list[Path]:
+    """`<out_dir>/<run_name>` and the `<run_name>-1`, `-2`, ... folders `llm/train.py` opens beside a taken one."""
+    base = Path(out_dir) / run_name
+    folders, k = [], 0
+    while (base.with_name(f"{run_name}-{k}") if k else base).exists():
+        folders.append(base.with_name(f"{run_name}-{k}") if k else base)
+        k += 1
+    return folders
+
+
 def run_one(config: str, overrides: list[str], run_name: str, out_dir: str) -> dict:
     """One `llm/train.py` run, trained, resumed or reused.
 
-    Returns its record: the overrides, the test set, the final results table, the training state,
-    the run folder and the wall time of the invocation(s) that trained it. A folder whose record
-    was written with other overrides is refused (another --out-dir, or remove the folder)."""
-    folder = Path(out_dir) / run_name
-    record_path = folder / RECORD
-    if record_path.is_file():
-        record = json.loads(record_path.read_text())
-        if record["overrides"] != overrides:
-            raise ValueError(f"{folder} holds a finished run with overrides {record['overrides']}, not {overrides}; "
-                             "use another --out-dir or remove that folder")
-        print(f"[experiments] {run_name}: reusing the finished run in {folder}", flush=True)
-        return record
-    cfg = load_config(config, [*overrides, f"run_name={run_name}", f"out_dir={out_dir}"])
-    resume = (folder / "checkpoints" / "latest").exists()
+    A finished run (its folder holds `experiment.json` with the same overrides) is reused; an
+    unfinished one with a checkpoint is resumed; otherwise the run starts (in a fresh folder).
+    Returns the record: the overrides, the test set, the final results table, the training state,
+    the run folder's name and the wall time of the invocation that finished it. A finished run
+    with other overrides is refused (another --out-dir, or remove its folder)."""
+    folders = _folders(out_dir, run_name)
+    for folder in folders:
+        if (folder / RECORD).is_file():
+            record = json.loads((folder / RECORD).read_text())
+            if record["overrides"] != overrides:
+                raise ValueError(f"{folder} holds a finished run with overrides {record['overrides']}, not "
+                                 f"{overrides}; use another --out-dir or remove that folder")
+            print(f"[experiments] {run_name}: reusing the finished run in {folder}", flush=True)
+            return record
+    resumable = [f for f in folders if (f / "checkpoints" / "latest").exists()]
+    name = resumable[-1].name if resumable else run_name
+    cfg = load_config(config, [*overrides, f"run_name={name}", f"out_dir={out_dir}"])
     started = time.perf_counter()
-    result = train(cfg, resume=resume)
+    result = train(cfg, resume=bool(resumable))
     seconds = time.perf_counter() - started
     if result["results"] is None:
         raise RuntimeError(f"{run_name} stopped before max_steps ({result['state']['step']}/{cfg.max_steps})")
     run_dir = Path(result["run_dir"])
     record = {"overrides": overrides, "test_set": test_set_name(cfg), "results": result["results"],
-              "state": result["state"], "run_dir": run_dir.name, "seconds": round(seconds, 1), "resumed": resume}
-    if run_dir != folder:  # the name was taken by an unfinished run without a checkpoint; keep both
-        print(f"[experiments] {run_name} trained in {run_dir} ({folder} holds an unfinished run)", flush=True)
+              "state": result["state"], "run_dir": run_dir.name, "seconds": round(seconds, 1),
+              "resumed": bool(resumable)}
     _write_atomic(run_dir / RECORD, json.dumps(record, indent=2) + "\n")
     return record
 
@@ -223,7 +236,8 @@ def rounds_figure(sizes: list[str], rounds: int, seed: int, config: str, overrid
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description="LLM testbed experiments: the method table and the rounds figure.")
+    parser = argparse.ArgumentParser(description="LLM testbed experiments: the method table and the rounds figure.",
+                                     epilog="key=value arguments, anywhere on the line, override the config of every run")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="base YAML config (default: the CPU testbed)")
     parser.add_argument("--methods", nargs="*", default=[], help=f"methods of the table: {list(METHODS)}")
     parser.add_argument("--seeds", nargs="*", type=int, default=[10, 20, 30, 40, 50], help="training seeds")
@@ -234,8 +248,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=4, help="online rounds of the rounds figure")
     parser.add_argument("--out-dir", default="runs/experiments", help="parent folder of the runs")
     parser.add_argument("--figures-dir", default=str(FIGURES), help="where the JSON/Markdown/PNG results go")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides applied to every run")
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]  # key=value, anywhere on the line
+    args = parser.parse_args([a for a in argv if a not in overrides])
+    args.overrides = overrides
     if not args.methods and not args.rounds_figure:
         parser.error("give --methods and/or --rounds-figure")
     if args.warm_start_steps < 0:

@@ -66,8 +66,20 @@ def test_run_one_resumes_a_stopped_run_and_refuses_other_overrides(pbkd_assets, 
     record = experiments.run_one(config, overrides, "r", str(out))
     assert record["resumed"] is True and record["state"]["step"] == 4 and record["run_dir"] == "r"
     assert json.loads((out / "r" / experiments.RECORD).read_text()) == record
-    with pytest.raises(ValueError, match="other --out-dir|another --out-dir"):
+    with pytest.raises(ValueError, match="another --out-dir"):
         experiments.run_one(config, ["objective=sft", "max_steps=3"], "r", str(out))
+
+
+def test_run_one_trains_beside_an_unfinished_run_without_checkpoint_and_finds_it_again(pbkd_assets, tmp_path,
+                                                                                       monkeypatch):
+    config, out = _base_config(pbkd_assets, tmp_path), tmp_path / "experiments"
+    (out / "r").mkdir(parents=True)
+    (out / "r" / "metrics.jsonl").write_text("")  # killed before its first checkpoint
+    record = experiments.run_one(config, ["objective=sft", "max_steps=2"], "r", str(out))
+    assert record["run_dir"] == "r-1" and record["resumed"] is False
+    assert (out / "r" / "metrics.jsonl").read_text() == ""  # the unfinished run is left as it was
+    monkeypatch.setattr(experiments, "train", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    assert experiments.run_one(config, ["objective=sft", "max_steps=2"], "r", str(out)) == record
 
 
 def test_rounds_figure_reads_the_per_round_validation_scores(pbkd_assets, tmp_path):
@@ -92,3 +104,13 @@ def test_unknown_methods_and_sizes_are_refused_with_the_valid_choices(tmp_path):
         experiments.comparison_table(["ppo"], [1], "unused.yaml", [], str(tmp_path))
     with pytest.raises(ValueError, match="LAYERSxWIDTH"):
         experiments.parse_size("wide")
+
+
+def test_command_line_takes_overrides_anywhere(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(experiments, "comparison_table", lambda *args: seen.setdefault("args", args))
+    experiments.main(["--methods", "fkl", "dpkd", "--seeds", "10", "20", "max_steps=100", "eval.before=false",
+                      "--warm-start-steps", "7"])
+    methods, seeds, _, overrides, _, warm_steps, _ = seen["args"]
+    assert methods == ["fkl", "dpkd"] and seeds == [10, 20] and warm_steps == 7
+    assert overrides == ["max_steps=100", "eval.before=false"]
