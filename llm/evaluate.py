@@ -208,7 +208,7 @@ def _cell(metrics: dict | None, key: str) -> str:
     if metrics is None:
         return "-"
     mean, std = metrics[key], metrics.get(f"{key}_std", 0.0)
-    return f"{mean:.1f} ± {std:.1f}" if metrics.get("seeds") else f"{mean:.1f}"
+    return f"{mean:.1f} ± {std:.1f}" if len(metrics.get("seeds") or []) > 1 else f"{mean:.1f}"  # no std of one seed
 
 
 def results_table(results: dict[str, dict[str, dict]]) -> str:

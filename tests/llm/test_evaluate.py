@@ -164,12 +164,15 @@ def test_results_table_and_writer(tmp_path):
         "teacher": {"dolly": {"rouge_l": 30.0, "rouge_l_std": 0.5, "exact_match": 10.0, "exact_match_std": 1.25, "seeds": [10, 20]}},
         "student": {"dolly": {"rouge_l": 20.04, "rouge_l_std": 0.0, "exact_match": 5.0, "exact_match_std": 0.0, "seeds": []},
                     "self-inst": {"rouge_l": 12.0, "exact_match": 1.0, "seeds": []}},
+        "one seed": {"dolly": {"rouge_l": 25.0, "rouge_l_std": 0.0, "exact_match": 7.0, "exact_match_std": 0.0,
+                               "seeds": [10]}},
     }
     expected = (
         "| method | dolly Rouge-L | dolly EM | self-inst Rouge-L | self-inst EM |\n"
         "|---|---:|---:|---:|---:|\n"
         "| teacher | 30.0 ± 0.5 | 10.0 ± 1.2 | - | - |\n"
         "| student | 20.0 | 5.0 | 12.0 | 1.0 |\n"
+        "| one seed | 25.0 | 7.0 | - | - |\n"
     )
     assert results_table(results) == expected
     json_path, md_path = write_results(results, tmp_path / "out")
