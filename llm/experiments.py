@@ -33,6 +33,7 @@ Trailing ``key=value`` arguments override the config of every run (e.g. ``max_st
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -40,7 +41,7 @@ import sys
 import time
 from pathlib import Path
 
-from llm.config import load_config
+from llm.config import load_config, to_dict
 from llm.evaluate import results_table
 from llm.train import DEFAULT_CONFIG, test_set_name, train
 
@@ -76,34 +77,38 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def _folders(out_dir: str, run_name: str) -> list[Path]:
     """`<out_dir>/<run_name>` and the `<run_name>-1`, `-2`, ... folders `llm/train.py` opens beside a taken one."""
-    base = Path(out_dir) / run_name
-    folders, k = [], 0
-    while (base.with_name(f"{run_name}-{k}") if k else base).exists():
-        folders.append(base.with_name(f"{run_name}-{k}") if k else base)
-        k += 1
-    return folders
+    names = (run_name if k == 0 else f"{run_name}-{k}" for k in itertools.count())
+    return list(itertools.takewhile(Path.exists, (Path(out_dir) / name for name in names)))
+
+
+def _settings(cfg_dict: dict) -> dict:
+    """What makes two runs the same run: the whole config but its folder name."""
+    return {k: v for k, v in json.loads(json.dumps(cfg_dict)).items() if k != "run_name"}
 
 
 def run_one(config: str, overrides: list[str], run_name: str, out_dir: str) -> dict:
     """One `llm/train.py` run, trained, resumed or reused.
 
-    A finished run (its folder holds `experiment.json` with the same overrides) is reused; an
-    unfinished one with a checkpoint is resumed; otherwise the run starts (in a fresh folder).
-    Returns the record: the overrides, the test set, the final results table, the training state,
-    the run folder's name and the wall time of the invocation that finished it. A finished run
-    with other overrides is refused (another --out-dir, or remove its folder)."""
-    folders = _folders(out_dir, run_name)
+    A finished run (its folder holds `experiment.json`) whose config equals this one (overrides
+    that spell the same config match) is reused; an unfinished one with a checkpoint is resumed;
+    otherwise the run starts (in a fresh folder). Returns the record: the overrides, the test set,
+    the final results table, the training state, the run folder's name and the wall time of the
+    invocation that finished it. A finished run with another config is refused (another
+    --out-dir, or remove its folder)."""
+    cfg = load_config(config, [*overrides, f"run_name={run_name}", f"out_dir={out_dir}"])
+    mine, folders = _settings(to_dict(cfg)), _folders(out_dir, run_name)
     for folder in folders:
         if (folder / RECORD).is_file():
-            record = json.loads((folder / RECORD).read_text())
-            if record["overrides"] != overrides:
-                raise ValueError(f"{folder} holds a finished run with overrides {record['overrides']}, not "
-                                 f"{overrides}; use another --out-dir or remove that folder")
+            saved = _settings(json.loads((folder / "config.json").read_text()))
+            if saved != mine:
+                changed = sorted(k for k in saved.keys() | mine.keys() if saved.get(k) != mine.get(k))
+                raise ValueError(f"{folder} holds a finished run with another config (differing: {changed}); "
+                                 "use another --out-dir or remove that folder")
             print(f"[experiments] {run_name}: reusing the finished run in {folder}", flush=True)
-            return record
+            return json.loads((folder / RECORD).read_text())
     resumable = [f for f in folders if (f / "checkpoints" / "latest").exists()]
-    name = resumable[-1].name if resumable else run_name
-    cfg = load_config(config, [*overrides, f"run_name={name}", f"out_dir={out_dir}"])
+    if resumable:
+        cfg = load_config(config, [*overrides, f"run_name={resumable[-1].name}", f"out_dir={out_dir}"])
     started = time.perf_counter()
     result = train(cfg, resume=bool(resumable))
     seconds = time.perf_counter() - started
@@ -156,7 +161,8 @@ def comparison_table(methods: list[str], seeds: list[int], config: str, override
             runs[method].append({"seed": seed, "rouge_l": after["rouge_l"], "exact_match": after["exact_match"],
                                  "seconds": record["seconds"], "best_step": record["state"]["best_step"],
                                  "run_dir": record["run_dir"], "teacher": record["results"].get("teacher")})
-            payload = _table_payload(runs, warm, seeds, config, overrides, warm_start_steps, record["test_set"])
+            payload = _table_payload(methods, runs, warm, seeds, config, overrides, warm_start_steps,
+                                     record["test_set"])
             figures.mkdir(parents=True, exist_ok=True)
             _write_atomic(figures / "llm_methods.json", json.dumps(payload, indent=2) + "\n")
             _write_atomic(figures / "llm_methods.md", results_table(payload["table"]))
@@ -164,7 +170,7 @@ def comparison_table(methods: list[str], seeds: list[int], config: str, override
     return payload
 
 
-def _table_payload(runs, warm, seeds, config, overrides, warm_start_steps, test_set) -> dict:
+def _table_payload(methods, runs, warm, seeds, config, overrides, warm_start_steps, test_set) -> dict:
     """The table of the runs finished so far: one row per method (mean ± std over its finished seeds)."""
     table = {}
     if warm is not None:
@@ -182,7 +188,7 @@ def _table_payload(runs, warm, seeds, config, overrides, warm_start_steps, test_
     return {"config": str(config), "command_overrides": overrides, "seeds": seeds,
             "warm_start_steps": warm_start_steps, "std_over": "training seeds", "table": table,
             "runs": {m: [{k: v for k, v in s.items() if k != "teacher"} for s in per_seed] for m, per_seed in runs.items()},
-            "complete": all(len(per_seed) == len(seeds) for per_seed in runs.values())}
+            "complete": all(len(runs.get(m, [])) == len(seeds) for m in methods)}
 
 
 def parse_size(text: str) -> dict:

@@ -66,8 +66,10 @@ def test_run_one_resumes_a_stopped_run_and_refuses_other_overrides(pbkd_assets, 
     record = experiments.run_one(config, overrides, "r", str(out))
     assert record["resumed"] is True and record["state"]["step"] == 4 and record["run_dir"] == "r"
     assert json.loads((out / "r" / experiments.RECORD).read_text()) == record
-    with pytest.raises(ValueError, match="another --out-dir"):
-        experiments.run_one(config, ["objective=sft", "max_steps=3"], "r", str(out))
+    same = experiments.run_one(config, ["max_steps=9", *overrides], "r", str(out))  # the same config, spelt otherwise
+    assert same == record
+    with pytest.raises(ValueError, match=r"another config \(differing: \['max_steps'\]\).*another --out-dir"):
+        experiments.run_one(config, ["objective=sft", "max_steps=3", "save_every=1"], "r", str(out))
 
 
 def test_run_one_trains_beside_an_unfinished_run_without_checkpoint_and_finds_it_again(pbkd_assets, tmp_path,
