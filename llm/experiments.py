@@ -45,7 +45,8 @@ from llm.config import load_config, to_dict
 from llm.evaluate import results_table
 from llm.train import DEFAULT_CONFIG, test_set_name, train
 
-FIGURES = Path(__file__).resolve().parents[1] / "figures"
+REPO = Path(__file__).resolve().parents[1]
+FIGURES = REPO / "figures"
 RECORD = "experiment.json"
 
 METHODS = {
@@ -79,6 +80,12 @@ def _folders(out_dir: str, run_name: str) -> list[Path]:
     """`<out_dir>/<run_name>` and the `<run_name>-1`, `-2`, ... folders `llm/train.py` opens beside a taken one."""
     names = (run_name if k == 0 else f"{run_name}-{k}" for k in itertools.count())
     return list(itertools.takewhile(Path.exists, (Path(out_dir) / name for name in names)))
+
+
+def _shown(config: str) -> str:
+    """The config path as the figures record it: relative to the repository when inside it."""
+    path = Path(config).resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(config)
 
 
 def _settings(cfg_dict: dict) -> dict:
@@ -185,7 +192,7 @@ def _table_payload(methods, runs, warm, seeds, config, overrides, warm_start_ste
     teacher = next((s["teacher"] for per_seed in runs.values() for s in per_seed if s["teacher"]), None)
     if teacher is not None:
         table["teacher"] = teacher
-    return {"config": str(config), "command_overrides": overrides, "seeds": seeds,
+    return {"config": _shown(config), "command_overrides": overrides, "seeds": seeds,
             "warm_start_steps": warm_start_steps, "std_over": "training seeds", "table": table,
             "runs": {m: [{k: v for k, v in s.items() if k != "teacher"} for s in per_seed] for m, per_seed in runs.items()},
             "complete": all(len(runs.get(m, [])) == len(seeds) for m in methods)}
@@ -219,7 +226,7 @@ def rounds_figure(sizes: list[str], rounds: int, seed: int, config: str, overrid
                         "test_rouge_l": student_after(record)["rouge_l"], "rounds": lines, "seconds": record["seconds"]}
         print(f"[experiments] rm {size}: valid Rouge-L by round {[round(s, 2) for s in scores]}", flush=True)
     figures.mkdir(parents=True, exist_ok=True)
-    payload = {"rounds": rounds, "seed": seed, "config": str(config), "command_overrides": overrides,
+    payload = {"rounds": rounds, "seed": seed, "config": _shown(config), "command_overrides": overrides,
                "warm_start_steps": warm_start_steps, "curves": curves}
     _write_atomic(figures / "llm_rounds.json", json.dumps(payload, indent=2) + "\n")
     import matplotlib

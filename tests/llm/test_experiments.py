@@ -116,3 +116,8 @@ def test_command_line_takes_overrides_anywhere(monkeypatch):
     methods, seeds, _, overrides, _, warm_steps, _ = seen["args"]
     assert methods == ["fkl", "dpkd"] and seeds == [10, 20] and warm_steps == 7
     assert overrides == ["max_steps=100", "eval.before=false"]
+
+
+def test_figures_record_configs_inside_the_repository_by_relative_path(tmp_path):
+    assert experiments._shown(str(experiments.REPO / "llm" / "configs" / "testbed.yaml")) == "llm/configs/testbed.yaml"
+    assert experiments._shown(str(tmp_path / "base.yaml")) == str(tmp_path / "base.yaml")
