@@ -73,12 +73,7 @@ from llm.train import (
     validate,
 )
 
-__all__ = ["PbKD", "MMPbKD", "OBJECTIVES", "gather_positions"]
-
-
-def gather_positions(values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """``values[b, positions[b, k]]`` for (B, T, V) values and (B, K) positions -> (B, K, V)."""
-    return values.gather(1, positions[..., None].expand(-1, -1, values.shape[-1]))
+__all__ = ["PbKD", "MMPbKD", "OBJECTIVES"]
 
 
 class _PreferenceGame(Objective):
@@ -366,7 +361,7 @@ class MMPbKD(_PreferenceGame):
 
     def f_values(self, batch) -> torch.Tensor:
         """f_phi(s_h, .) at the response positions, (B, K, V), aligned with batch["labels"]."""
-        return gather_positions(self.adversary(batch["input_ids"], batch["attention_mask"]), batch["positions"])
+        return self.adversary(batch["input_ids"], batch["attention_mask"], batch["positions"])
 
     def teacher_probs(self, batch) -> torch.Tensor:
         return torch.softmax(teacher_logits(self.run, batch).float(), -1)

@@ -213,11 +213,16 @@ class QHead(nn.Module):
 
         return cls(load_causal_lm(name_or_path, dtype=dtype), bound=bound)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """Bounded ``f_phi`` of shape ``(B, T, |V|)``; padded positions are 0."""
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                positions: Tensor | None = None) -> Tensor:
+        """Bounded ``f_phi`` of shape ``(B, T, |V|)``, or ``(B, K, |V|)`` at the ``(B, K)`` indices
+        ``positions`` only (the vocabulary-sized output is then computed at those positions alone);
+        padded positions are 0."""
         mask = _check_batch(input_ids, attention_mask)
-        raw = self.lm(input_ids=input_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits.float()
-        valid = mask.bool().unsqueeze(-1).expand_as(raw)
+        keep = {} if positions is None else {"logits_to_keep": positions}
+        raw = self.lm(input_ids=input_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                      **keep).logits.float()
+        valid = (mask if positions is None else mask.gather(1, positions)).bool().unsqueeze(-1).expand_as(raw)
         _raise_non_finite("Q-head f_phi", raw, valid)
         # Zero the padded positions before the tanh, so no value there can reach a gradient.
         return bounded(torch.where(valid, raw, torch.zeros((), dtype=raw.dtype, device=raw.device)), self.bound)

@@ -150,6 +150,11 @@ def test_q_head_shape_bound_and_alignment_with_logits(family):
             expected = 0.5 * torch.tanh(q.lm(input_ids=s[None]).logits[0] / 0.5)  # f(s_t, .) for t = 0..n-1
             torch.testing.assert_close(f[i, ids.shape[1] - len(s):], expected, atol=2e-5, rtol=1e-5)
             assert bool((f[i, : ids.shape[1] - len(s)] == 0).all())  # padded states carry no value
+        T = ids.shape[1]
+        positions = torch.tensor([[0, T - 1], [0, T - 2], [T - 3, T - 1]])  # (1, 0) is a padded state
+        at = q(ids, mask, positions)  # the vocabulary-sized output at those positions only
+        assert at.shape == (len(seqs), 2, VOCAB)
+        torch.testing.assert_close(at, f.gather(1, positions[..., None].expand(-1, -1, VOCAB)), atol=2e-5, rtol=1e-5)
         q.lm.get_output_embeddings().weight[5, 0] = float("nan")
         with pytest.raises(NonFiniteRewardError, match="Q-head f_phi produced"):
             q(ids, mask)
