@@ -25,9 +25,10 @@ keeps the run's wall time, so the budget of a larger table can be read off a sma
 
     python -m llm.experiments --methods sft seqkd fkl rkl jsd akl dpkd pbkd_offline pbkd_online mm_pbkd \\
         --seeds 10 20 30 40 50 max_steps=100 eval.before=false      # the full table (hours on a CPU)
-    python -m llm.experiments --rounds-figure --rm-sizes 1x32 2x64 2x128 --rounds 4 max_steps=100
+    python -m llm.experiments --rounds-figure --seeds 10 --rm-sizes 1x32 4x256 --rounds 4 --warm-start-steps 0 \\
+        student_init=pretrained student=runs/experiments/warm-start/checkpoints/best optim.lr=1e-5 max_steps=60
 
-Trailing ``key=value`` arguments override the config of every run (e.g. ``max_steps=40``).
+``key=value`` arguments, anywhere on the line, override the config of every run (e.g. ``max_steps=40``).
 """
 
 from __future__ import annotations
