@@ -269,6 +269,17 @@ class _PreferenceGame(Objective):
         logits = logits_of(self.run.student, T, self.run)
         return losses.sft_loss(logits, T["labels"], T["response_mask"]) * float(micro["counts"]["teacher_tokens"] / totals["teacher_tokens"])
 
+    def finish_loss(self, loss, metrics: dict, micro, totals, w: float) -> tuple[torch.Tensor, dict]:
+        """The student loss of a micro-batch plus the optional seqkd term; the step's adversary
+        diagnostics (weighted by the micro-batch's share w) and the total loss join the metrics."""
+        if self.p.seqkd_weight > 0:
+            sk = self.seqkd_term(micro, totals)
+            loss = loss + self.p.seqkd_weight * sk
+            metrics["seqkd_loss"] = float(sk.detach())
+        metrics |= {k: v * w for k, v in self.step_adversary.items()}
+        metrics["loss"] = float(loss.detach())
+        return loss, metrics
+
     # ---- resume ------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
@@ -336,13 +347,7 @@ class PbKD(_PreferenceGame):
         metrics = {"pg_loss": float(pg.detach()), "reward_student": float(micro["rewards"].mean()) * w,
                    "reward_teacher": float(micro["r_T"].mean()) * w,
                    "student_logp_own": float(logp.detach().mean()) * w}
-        if self.p.seqkd_weight > 0:
-            sk = self.seqkd_term(micro, totals)
-            loss = loss + self.p.seqkd_weight * sk
-            metrics["seqkd_loss"] = float(sk.detach())
-        metrics |= {k_: v * w for k_, v in self.step_adversary.items()}
-        metrics["loss"] = float(loss.detach())
-        return loss, metrics
+        return self.finish_loss(loss, metrics, micro, totals, w)
 
 
 class MMPbKD(_PreferenceGame):
@@ -432,13 +437,7 @@ class MMPbKD(_PreferenceGame):
         metrics = {"student_loss": float(loss.detach()), "off_moment": float(off.detach()) * w,
                    "on_moment": float(on.detach()) * w, "moment_gap": float(beta * off.detach() + (1 - beta) * on) * w,
                    "induced_reward_student": float(micro["r_f"].mean()) * w}
-        if self.p.seqkd_weight > 0:
-            sk = self.seqkd_term(micro, totals)
-            loss = loss + self.p.seqkd_weight * sk
-            metrics["seqkd_loss"] = float(sk.detach())
-        metrics |= {k_: v * w for k_, v in self.step_adversary.items()}
-        metrics["loss"] = float(loss.detach())
-        return loss, metrics
+        return self.finish_loss(loss, metrics, micro, totals, w)
 
 
 OBJECTIVES = {"pbkd": PbKD, "mm_pbkd": MMPbKD}
