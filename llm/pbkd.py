@@ -343,11 +343,10 @@ class PbKD(_PreferenceGame):
         w = float(micro["counts"]["prompts"] / totals["prompts"])
         logp = losses.sequence_log_prob(logits_of(run.student, S, run), S["labels"], S["response_mask"])
         pg = losses.leave_one_out_pg_loss(logp.view(-1, k), micro["rewards"]) * w
-        loss = pg
         metrics = {"pg_loss": float(pg.detach()), "reward_student": float(micro["rewards"].mean()) * w,
                    "reward_teacher": float(micro["r_T"].mean()) * w,
                    "student_logp_own": float(logp.detach().mean()) * w}
-        return self.finish_loss(loss, metrics, micro, totals, w)
+        return self.finish_loss(pg, metrics, micro, totals, w)
 
 
 class MMPbKD(_PreferenceGame):
