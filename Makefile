@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # oversubscribing the two cores these machines have.
 export OPENBLAS_NUM_THREADS ?= 1
 
-.PHONY: setup test figures bench clean
+.PHONY: setup test figures distil bench clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,11 @@ test: $(STAMP)
 figures: $(STAMP)
 	$(PY) -m theory.figures
 	$(PY) -m llm.bridge
+
+# The main LLM job: the CPU testbed distillation of llm/configs/testbed.yaml, ending with its
+# test table. Overrides go through ARGS, e.g. make distil ARGS="objective=pbkd online.rounds=2".
+distil: $(STAMP)
+	$(PY) llm/train.py $(ARGS)
 
 bench: $(STAMP)
 	$(PY) -m pbkd_ref.bench

@@ -70,7 +70,6 @@ policy gap against training steps, per method, log scale) and its JSON twin ``br
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import math
 import time
@@ -1052,13 +1051,16 @@ def plot_bridge(result: BridgeRuns, cfg: BridgeConfig, path: Path) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     """``python -m llm.bridge [--quick] [--out-dir figures] [--no-progress]``."""
-    from theory.common import write_json
+    from pbkd_ref.cli import ArgumentParser
+    from theory.common import FIGURES_DIR, QUICK_DIR, output_dir, write_json
 
-    parser = argparse.ArgumentParser(prog="python -m llm.bridge", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m llm.bridge", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps and one sampled seed (seconds)")
-    parser.add_argument("--out-dir", type=Path, default=Path("figures"), help="where bridge.png/.json go")
+    parser.add_argument("--out-dir", type=Path, default=None,
+                        help=f"where bridge.png/.json go (default {FIGURES_DIR}/, or {QUICK_DIR}/ with --quick)")
     parser.add_argument("--no-progress", action="store_true", help="no per-run progress lines")
     args = parser.parse_args(argv)
+    args.out_dir = output_dir(args.out_dir, args.quick)
     cfg = quick_config() if args.quick else BridgeConfig()
     start = time.perf_counter()
     result = run_bridge(cfg, progress=not args.no_progress)

@@ -11,10 +11,11 @@ Anything the code does not know -- an unknown key, an unknown objective, an
 unknown choice for an enumerated field -- is refused at start with a
 `ValueError` that lists the valid choices, before any model is loaded.
 
-Adding an objective: append its name to `OBJECTIVES` here and register its
-implementation in `llm/train.py` (`OBJECTIVE_REGISTRY`); the two are checked
-against each other when `llm/train.py` is imported. Adding a section: a new
-dataclass below and a field of `TrainConfig` whose default is that dataclass.
+The objective names come from the one registry, `llm/objectives/base.py`; the
+judge names are `JUDGE_NAMES` here, which `llm/judges.py` checks against its
+classes when it is imported. Reading a config loads neither torch nor a model.
+Adding a section: a new dataclass below and a field of `TrainConfig` whose
+default is that dataclass.
 """
 
 from __future__ import annotations
@@ -27,16 +28,11 @@ from typing import Any
 
 import yaml
 
-from llm.judges import JUDGES
-
-# Objectives selectable by name (spec llm.md section 2). The token-level ones
-# need a shared vocabulary; `sft` and `seqkd` train on text; `dpkd` is
-# sequence-level; `pbkd` (black-box) and `mm_pbkd` (white-box) are the preference games of llm/pbkd.py.
-TOKEN_LEVEL_OBJECTIVES = ("fkl", "rkl", "jsd", "skl", "srkl", "akl")
-OBJECTIVES = ("sft", "seqkd", *TOKEN_LEVEL_OBJECTIVES, "dpkd", "pbkd", "mm_pbkd")
+from llm.objectives.base import OBJECTIVES
 
 DISTRIBUTED_CHOICES = ("none", "ddp", "fsdp", "deepspeed")
-JUDGE_NAMES = tuple(JUDGES)  # the judges of llm/judges.py: bt_oracle, rouge, llm, api
+JUDGE_NAMES = ("bt_oracle", "rouge", "llm", "api")
+"""The judges of spec section 3, by name (llm.judges.JUDGES holds their classes)."""
 
 
 def _field(default: Any, help: str, choices: tuple | None = None):
@@ -111,7 +107,7 @@ class DPKDConfig:
 
 @dataclass
 class PbKDConfig:
-    """Preference-based KD, `pbkd` and `mm_pbkd` (spec llm.md sections 2-3; llm/pbkd.py)."""
+    """Preference-based KD, `pbkd` and `mm_pbkd` (spec llm.md sections 2-3; llm/objectives/preference_game.py)."""
 
     judge: str = _field("bt_oracle", "judge labelling the preference pairs (spec section 3)", choices=JUDGE_NAMES)
     judge_options: dict = _field({}, "keyword options of the judge, e.g. {reward_scale: 10} (bt_oracle) or {model: ...} (llm)")
@@ -145,16 +141,17 @@ class PbKDConfig:
     mm_student_gradient: str = _field(
         "sequence_loo",
         "mm_pbkd on-policy student gradient: sequence_loo (exact: leave-one-out REINFORCE of the induced reward) "
-        "or per_token_spec (the spec's per-token advantage; not the moment's exact gradient, see llm/pbkd.py)",
+        "or per_token_spec (the spec's per-token advantage; not the moment's exact gradient, see llm/objectives/preference_game.py)",
         choices=("sequence_loo", "per_token_spec"),
     )
 
 
 @dataclass
 class GenerationConfig:
-    """Sampling during training: the cached teacher responses and student samples."""
+    """Sampling during training (llm/rollout.py): the cached teacher responses and student rollouts."""
 
-    max_new_tokens: int = _field(64, "longest generated response")
+    max_new_tokens: int = _field(64, "longest generated response (a rollout that meets no EOS is flagged truncated)")
+    temperature: float = _field(1.0, "sampling temperature of the training rollouts (no top-k, top-p or n-gram blocking)")
     batch_size: int = _field(8, "prompts per generation call")
     teacher_greedy: bool = _field(False, "generate the cached teacher responses greedily instead of sampling")
 
@@ -359,6 +356,9 @@ def validate(cfg: TrainConfig) -> None:
         missing = [k for k in ("train_file", "valid_file", "test_file") if not getattr(cfg.data, k)]
         if missing:
             raise ValueError(f"data.source=files needs {', '.join('data.' + k for k in missing)}")
+    if cfg.generation.temperature <= 0 or cfg.generation.max_new_tokens < 1:
+        raise ValueError("generation.temperature must be > 0 and generation.max_new_tokens >= 1 "
+                         f"(for greedy teacher responses set generation.teacher_greedy=true); got {cfg.generation}")
     if not cfg.eval.valid_seeds or not cfg.eval.test_seeds:
         raise ValueError("eval.valid_seeds and eval.test_seeds must name at least one seed each")
     p = cfg.pbkd
@@ -398,6 +398,12 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def section_names() -> list[str]:
+    """The config's sections (`kd`, `dpkd`, ...), whose keys are set as `SECTION.KEY=VALUE`."""
+    hints = typing.get_type_hints(TrainConfig)
+    return [f.name for f in dataclasses.fields(TrainConfig) if dataclasses.is_dataclass(hints[f.name])]
+
+
 def help_text(cls=TrainConfig, prefix: str = "") -> str:
     """One line per key: dotted name, default, choices and help."""
     lines = []
@@ -417,7 +423,7 @@ def help_text(cls=TrainConfig, prefix: str = "") -> str:
 
 __all__ = [
     "OBJECTIVES",
-    "TOKEN_LEVEL_OBJECTIVES",
+    "JUDGE_NAMES",
     "DISTRIBUTED_CHOICES",
     "TrainConfig",
     "DataConfig",
@@ -433,4 +439,5 @@ __all__ = [
     "validate",
     "to_dict",
     "help_text",
+    "section_names",
 ]

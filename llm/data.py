@@ -321,8 +321,19 @@ def encode_sft_batch(tokenizer, examples, max_prompt_tokens: int = MAX_PROMPT_TO
         p = prompt_token_ids(tokenizer, ex.prompt, max_prompt_tokens=max_prompt_tokens, chat_template=chat_template)
         r = response_token_ids(tokenizer, response)[: max_length - len(p)]
         rows.append((p, r))
+    return collate_rows(rows, tokenizer.pad_token_id)
+
+
+def collate_rows(rows, pad: int) -> dict:
+    """Right-padded batch of ``(prompt_ids, response_ids)`` rows in the layout of
+    :func:`encode_sft_batch` (``labels`` shifted, ``response_mask`` on the response tokens);
+    the one padding rule of text batches and of token-id rollouts (``llm.rollout``)."""
+    rows = [(list(p), list(r)) for p, r in rows]
+    if not rows:
+        raise ValueError("collate_rows needs at least one row")
+    if any(not p for p, _ in rows):
+        raise ValueError("every row needs at least one prompt token")
     T = max(len(p) + len(r) for p, r in rows)
-    pad = tokenizer.pad_token_id
     input_ids = torch.full((len(rows), T), pad, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), T), dtype=torch.long)
     labels = torch.full((len(rows), T), pad, dtype=torch.long)
@@ -348,8 +359,14 @@ def encode_generation_batch(tokenizer, prompts, max_prompt_tokens: int = MAX_PRO
         raise ValueError("encode_generation_batch needs at least one prompt")
     rows = [prompt_token_ids(tokenizer, p, max_prompt_tokens=max_prompt_tokens, chat_template=chat_template)
             for p in prompts]
+    return left_pad(rows, tokenizer.pad_token_id)
+
+
+def left_pad(rows, pad: int) -> dict:
+    """Left-padded ``input_ids`` and ``attention_mask`` of token-id prompts, for batched generation."""
+    rows = [list(r) for r in rows]
     T = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), T), tokenizer.pad_token_id, dtype=torch.long)
+    input_ids = torch.full((len(rows), T), pad, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), T), dtype=torch.long)
     for i, r in enumerate(rows):
         input_ids[i, T - len(r):] = torch.tensor(r, dtype=torch.long)

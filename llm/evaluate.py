@@ -26,7 +26,6 @@ if __package__ in (None, ""):  # run as a script path: import the package from t
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
     sys.path.insert(0, _root)
 
-import argparse
 import json
 import math
 import os
@@ -41,6 +40,7 @@ from rouge_score import rouge_scorer
 from transformers import GenerationConfig
 
 from llm.data import MAX_PROMPT_TOKENS, Example, encode_generation_batch, load_jsonl
+from pbkd_ref.cli import ArgumentParser, refusing_bad_input
 
 SEEDS = (10, 20, 30, 40, 50)
 MAX_NEW_TOKENS = 256
@@ -246,7 +246,8 @@ def _parse_data_arg(value: str) -> tuple[str, Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description="Evaluate a causal LM with the protocol of spec llm.md section 5.")
+    parser = ArgumentParser(prog="python llm/evaluate.py",
+                            description="Evaluate a causal LM with the protocol of spec llm.md section 5.")
     parser.add_argument("--model", required=True, help="hub name or local folder (safetensors)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer name or folder (default: the model's)")
     parser.add_argument("--data", required=True, action="append",
@@ -267,16 +268,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     from llm.models import load_causal_lm, load_tokenizer
 
-    model = load_causal_lm(args.model).to(args.device)
-    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    with refusing_bad_input():  # every input is read before the first generation: a bad one is one line, exit 2
+        if args.limit is not None and args.limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {args.limit}")
+        test_sets = {}
+        for value in args.data:
+            name, path = _parse_data_arg(value)
+            test_sets[name] = load_jsonl(path, fmt=args.format)[: args.limit]
+        model = load_causal_lm(args.model).to(args.device)
+        tokenizer = load_tokenizer(args.tokenizer or args.model)
     chat = {"auto": None, "on": True, "off": False}[args.chat_template]
     method = args.method or Path(str(args.model)).name
     per_set = {}
-    for value in args.data:
-        name, path = _parse_data_arg(value)
-        examples = load_jsonl(path, fmt=args.format)
-        if args.limit is not None:
-            examples = examples[: args.limit]
+    for name, examples in test_sets.items():
         per_set[name] = evaluate_model(model, tokenizer, examples, seeds=args.seeds, greedy=args.greedy,
                                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                                        max_prompt_tokens=args.max_prompt_tokens, chat_template=chat)

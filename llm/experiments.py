@@ -33,7 +33,6 @@ keeps the run's wall time, so the budget of a larger table can be read off a sma
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import math
@@ -45,6 +44,7 @@ from pathlib import Path
 from llm.config import load_config, to_dict
 from llm.evaluate import results_table
 from llm.train import DEFAULT_CONFIG, test_set_name, train
+from pbkd_ref.cli import ArgumentParser, refusing_bad_input
 
 REPO = Path(__file__).resolve().parents[1]
 FIGURES = REPO / "figures"
@@ -250,8 +250,9 @@ def rounds_figure(sizes: list[str], rounds: int, seed: int, config: str, overrid
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description="LLM testbed experiments: the method table and the rounds figure.",
-                                     epilog="key=value arguments, anywhere on the line, override the config of every run")
+    parser = ArgumentParser(prog="python -m llm.experiments",
+                            description="LLM testbed experiments: the method table and the rounds figure.",
+                            epilog="key=value arguments, anywhere on the line, override the config of every run")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="base YAML config (default: the CPU testbed)")
     parser.add_argument("--methods", nargs="*", default=[], help=f"methods of the table: {list(METHODS)}")
     parser.add_argument("--seeds", nargs="*", type=int, default=[10, 20, 30, 40, 50], help="training seeds")
@@ -270,6 +271,14 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("give --methods and/or --rounds-figure")
     if args.warm_start_steps < 0:
         parser.error(f"--warm-start-steps must be >= 0, got {args.warm_start_steps}")
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown method(s) {unknown}; valid methods: {list(METHODS)}")
+    if args.methods and not args.seeds:
+        parser.error("--seeds needs at least one training seed")
+    with refusing_bad_input():  # every run's config is checked before the first run trains
+        for method in args.methods or ["sft"]:
+            load_config(args.config, [*METHODS[method], *args.overrides])
     out = {}
     if args.methods:
         out["table"] = comparison_table(args.methods, args.seeds, args.config, args.overrides, args.out_dir,

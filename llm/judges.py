@@ -57,6 +57,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from llm.config import JUDGE_NAMES
 from llm.data import ALPACA_HEADER, RESPONSE_MARKER
 from llm.evaluate import rouge_l
 from llm.preference_store import PreferenceRecord
@@ -752,13 +753,10 @@ class APIJudge(Judge):
 # Registry
 # --------------------------------------------------------------------------------------------
 
-JUDGES: dict[str, type[Judge]] = {
-    "bt_oracle": BTOracleJudge,
-    "rouge": RougeJudge,
-    "llm": LLMJudge,
-    "api": APIJudge,
-}
-"""Judges by name (spec llm.md section 3)."""
+JUDGES: dict[str, type[Judge]] = {cls.name: cls for cls in (BTOracleJudge, RougeJudge, LLMJudge, APIJudge)}
+"""Judges by name (spec llm.md section 3), in the order of `llm.config.JUDGE_NAMES`."""
+if tuple(JUDGES) != JUDGE_NAMES:  # the config validates judge names without importing this module
+    raise ImportError(f"llm.config.JUDGE_NAMES {JUDGE_NAMES} and the judge classes {tuple(JUDGES)} differ")
 
 
 def make_judge(name: str, **options) -> Judge:

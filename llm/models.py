@@ -39,6 +39,7 @@ from transformers import (
 )
 
 from llm.cache import cache_lock
+from llm.objectives.base import OBJECTIVES, TEXT_LEVEL_OBJECTIVES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CACHE_ROOT = REPO_ROOT / "cache"
@@ -56,8 +57,6 @@ GPT2_TOKENIZER_NAME = "gpt2-tokenizer"
 # Section 6: which objectives compare teacher and student distributions token by token (and so
 # need one vocabulary), and which only exchange text (teacher samples, preference pairs,
 # sequence log-probabilities each model computes under its own tokenizer).
-TOKEN_LEVEL_OBJECTIVES = ("fkl", "rkl", "jsd", "skl", "srkl", "akl", "mm_pbkd")
-TEXT_LEVEL_OBJECTIVES = ("sft", "seqkd", "dpkd", "pbkd")
 
 TINY_FAMILIES = ("gpt2", "opt", "llama")
 
@@ -193,17 +192,30 @@ def _describe(tokenizer, model) -> str:
 def check_vocabularies(teacher_tok, student_tok, teacher_model, student_model, objective: str) -> None:
     """Fail before training when a token-level objective meets two vocabularies (spec section 6).
 
-    Token-level objectives (``TOKEN_LEVEL_OBJECTIVES``) compare ``p(.|s_h)`` with ``q(.|s_h)``
+    Token-level objectives (``llm.objectives.base.TOKEN_LEVEL_OBJECTIVES``) compare ``p(.|s_h)`` with ``q(.|s_h)``
     index by index, so the two tokenizers must map every token string to the same id and the
     two models must produce logits of the same width.  Text-level objectives
     (``TEXT_LEVEL_OBJECTIVES``) pass whatever the vocabularies.  Raises ValueError naming both
     vocabularies and the objectives that still work.
     """
-    known = TOKEN_LEVEL_OBJECTIVES + TEXT_LEVEL_OBJECTIVES
-    if objective not in known:
-        raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(known)}")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
     if objective in TEXT_LEVEL_OBJECTIVES:
         return
+    problems = vocabulary_problems(teacher_tok, student_tok, teacher_model, student_model)
+    if problems:
+        raise ValueError(
+            f"objective {objective!r} matches teacher and student token distributions and needs one "
+            f"vocabulary, but teacher vocabulary {_describe(teacher_tok, teacher_model)} and student "
+            f"vocabulary {_describe(student_tok, student_model)} do not match: {'; '.join(problems)}. "
+            f"Objectives that still work with different vocabularies (they exchange text only): "
+            f"{', '.join(TEXT_LEVEL_OBJECTIVES)}. Or use a student that shares the teacher's tokenizer."
+        )
+
+
+def vocabulary_problems(teacher_tok, student_tok, teacher_model, student_model) -> list[str]:
+    """What keeps teacher and student from sharing one vocabulary (empty when they share it):
+    the tokenizers must map every token string to the same id and the logits have one width."""
     problems = []
     t_vocab, s_vocab = teacher_tok.get_vocab(), student_tok.get_vocab()
     if t_vocab != s_vocab:
@@ -220,14 +232,7 @@ def check_vocabularies(teacher_tok, student_tok, teacher_model, student_model, o
     t_width, s_width = _logits_width(teacher_model), _logits_width(student_model)
     if t_width != s_width:
         problems.append(f"the logits widths differ ({t_width} vs {s_width}); resize_token_embeddings can align them")
-    if problems:
-        raise ValueError(
-            f"objective {objective!r} matches teacher and student token distributions and needs one "
-            f"vocabulary, but teacher vocabulary {_describe(teacher_tok, teacher_model)} and student "
-            f"vocabulary {_describe(student_tok, student_model)} do not match: {'; '.join(problems)}. "
-            f"Objectives that still work with different vocabularies (they exchange text only): "
-            f"{', '.join(TEXT_LEVEL_OBJECTIVES)}. Or use a student that shares the teacher's tokenizer."
-        )
+    return problems
 
 
 # --------------------------------------------------------------------------------------------

@@ -35,7 +35,6 @@ not depend on ``PYTHONHASHSEED``), so the files are byte-identical across runs.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import itertools
 import json
@@ -49,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llm.cache import cache_lock
+from pbkd_ref.cli import ArgumentParser
 
 GENERATOR_VERSION = 2
 SPLITS = ("train", "valid", "test")
@@ -418,7 +418,7 @@ testbed_splits.__test__ = False  # its name starts with "test": keep pytest from
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
-    parser = argparse.ArgumentParser(description="Write the bundled testbed instruction set (Dolly-format JSONL).")
+    parser = ArgumentParser(description="Write the bundled testbed instruction set (Dolly-format JSONL).")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--train", type=int, default=DEFAULT_SIZES["train"])
     parser.add_argument("--valid", type=int, default=DEFAULT_SIZES["valid"])

@@ -18,6 +18,7 @@ import sys
 
 import numpy as np
 
+from pbkd_ref.cli import ArgumentParser, refusing_bad_input
 from pbkd_ref.solvers import METHODS
 
 
@@ -61,7 +62,7 @@ def _make_instance(args) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pbkd_ref", description="Exact tabular PbKD (offline, Algorithm 1).")
+    parser = ArgumentParser(prog="python -m pbkd_ref", description="Exact tabular PbKD (offline, Algorithm 1).")
     commands = parser.add_subparsers(dest="command", required=True)
 
     solve = commands.add_parser("solve", help="solve a saved instance and print one JSON object")
@@ -89,11 +90,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    try:
+    with refusing_bad_input():  # a malformed or missing instance: one line, exit 2
         return args.run(args)
-    except (ValueError, OSError) as error:  # bad or missing input: say what, no traceback
-        print(f"error: {error}", file=sys.stderr)
-        return 2
 
 
 if __name__ == "__main__":

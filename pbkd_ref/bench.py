@@ -36,6 +36,8 @@ if __name__ == "__main__":
 
 import numpy as np  # noqa: E402  (after the thread settings, which numpy reads on import)
 
+from pbkd_ref.cli import ArgumentParser  # noqa: E402
+
 TARGET = dict(S=50, A=4, H=10, d=8)
 
 
@@ -209,7 +211,7 @@ def _size(text: str) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pbkd_ref.bench", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m pbkd_ref.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=os.path.join("figures", "bench.json"), help="JSON output (default figures/bench.json)")
     parser.add_argument("--repeats", type=int, default=5, help="runs per N; the median is reported (default 5)")
     parser.add_argument("--N", type=int, nargs="+", default=[1_000, 10_000, 100_000], help="numbers of pairs (default 1000 10000 100000)")

@@ -21,7 +21,6 @@ of the seeds are positive, and the JSON says which points were used.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -31,6 +30,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 from scipy.stats import beta as beta_distribution
+
+from pbkd_ref.cli import ArgumentParser
 
 # Keys every experiment JSON must hold (spec section 5, "every figure has a JSON twin").
 REQUIRED_KEYS = (
@@ -372,12 +373,27 @@ class RunConfig:
         return "quick" if self.quick else "full"
 
 
+FIGURES_DIR = Path("figures")
+"""Where full-mode runs write their figures and JSON twins (`make figures`)."""
+
+QUICK_DIR = Path("runs") / "quick"
+"""Where `--quick` runs write unless `--out-dir` is given: never over the committed `figures/`."""
+
+
+def output_dir(out_dir: Path | None, quick: bool) -> Path:
+    """`--out-dir` if given, else `figures/` for a full run and the scratch `runs/quick/` for a quick one."""
+    if out_dir is not None:
+        return Path(out_dir)
+    return QUICK_DIR if quick else FIGURES_DIR
+
+
 def parse_args(name: str, description: str, argv: Sequence[str] | None = None, *, full_seeds: int = 20,
                quick_seeds: int = 4) -> RunConfig:
-    """`python -m theory.<name> [--quick] [--out-dir figures] [--seeds K]`."""
-    parser = argparse.ArgumentParser(prog=f"python -m theory.{name}", description=description)
+    """`python -m theory.<name> [--quick] [--out-dir DIR] [--seeds K]`; bad input is refused in one line (exit 2)."""
+    parser = ArgumentParser(prog=f"python -m theory.{name}", description=description)
     parser.add_argument("--quick", action="store_true", help="small grid and few seeds (seconds; used by tests)")
-    parser.add_argument("--out-dir", type=Path, default=Path("figures"), help="where <name>.png/.json go")
+    parser.add_argument("--out-dir", type=Path, default=None,
+                        help=f"where <name>.png/.json go (default {FIGURES_DIR}/, or {QUICK_DIR}/ with --quick)")
     parser.add_argument("--seeds", type=int, default=None,
                         help=f"seeds per grid point (default {full_seeds} full, {quick_seeds} quick)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -385,14 +401,14 @@ def parse_args(name: str, description: str, argv: Sequence[str] | None = None, *
                         help="processes over seeds (results do not depend on it; default: up to 2 cores)")
     args = parser.parse_args(argv)
     if args.workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+        parser.error(f"--workers must be >= 1, got {args.workers}")
     n_seeds = args.seeds if args.seeds is not None else (quick_seeds if args.quick else full_seeds)
     if n_seeds < 2:
-        raise ValueError(f"--seeds must be >= 2 (bootstrap bands need two seeds), got {n_seeds}")
+        parser.error(f"--seeds must be >= 2 (bootstrap bands need two seeds), got {n_seeds}")
     if not args.quick and n_seeds < 20:
-        raise ValueError(f"full mode needs --seeds >= 20 (spec section 5 protocol), got {n_seeds}")
-    return RunConfig(quick=args.quick, out_dir=args.out_dir, n_seeds=n_seeds, progress=not args.no_progress,
-                     workers=args.workers)
+        parser.error(f"full mode needs --seeds >= 20 (spec section 5 protocol), got {n_seeds}")
+    return RunConfig(quick=args.quick, out_dir=output_dir(args.out_dir, args.quick), n_seeds=n_seeds,
+                     progress=not args.no_progress, workers=args.workers)
 
 
 def default_workers() -> int:

@@ -9,25 +9,27 @@ experiment runs in up to two processes (`--workers`); results do not depend on i
 
 from __future__ import annotations
 
-import argparse
 import importlib
 from pathlib import Path
 
-from theory.common import RunConfig, Stopwatch, default_workers
+from pbkd_ref.cli import ArgumentParser
+from theory.common import FIGURES_DIR, QUICK_DIR, RunConfig, Stopwatch, default_workers, output_dir
 
 EXPERIMENTS = ("bound_vs_n", "coverage", "regret", "methods")
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m theory.figures", description=__doc__.splitlines()[0])
-    parser.add_argument("--out-dir", type=Path, default=Path("figures"), help="where the PNG/JSON pairs go")
+    parser = ArgumentParser(prog="python -m theory.figures", description=__doc__.splitlines()[0])
+    parser.add_argument("--out-dir", type=Path, default=None,
+                        help=f"where the PNG/JSON pairs go (default {FIGURES_DIR}/, or {QUICK_DIR}/ with --quick)")
     parser.add_argument("--workers", type=int, default=default_workers(), help="processes per experiment")
     parser.add_argument("--only", nargs="+", choices=EXPERIMENTS, default=list(EXPERIMENTS),
                         help="run only these experiments")
     parser.add_argument("--quick", action="store_true", help="quick mode (the tests' settings), for a smoke run")
     args = parser.parse_args(argv)
     if args.workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+        parser.error(f"--workers must be >= 1, got {args.workers}")
+    args.out_dir = output_dir(args.out_dir, args.quick)
     total = Stopwatch()
     summary = {}
     for name in args.only:

@@ -16,8 +16,6 @@ from llm.models import (
     GPT2_TOKENIZER_NAME,
     SMOLLM2_GGUF,
     SMOLLM2_NAME,
-    TEXT_LEVEL_OBJECTIVES,
-    TOKEN_LEVEL_OBJECTIVES,
     check_vocabularies,
     fresh_student,
     gpt2_tokenizer_dir,
@@ -28,6 +26,7 @@ from llm.models import (
     smollm2_teacher_dir,
     tiny_config,
 )
+from llm.objectives.base import TEXT_LEVEL_OBJECTIVES, TOKEN_LEVEL_OBJECTIVES
 
 GPT2_VOCAB = 50257
 GPT2_EOS = 50256

@@ -1,4 +1,4 @@
-"""Tests of `llm/pbkd.py`: black-box `pbkd` (offline and online) and white-box `mm_pbkd` run from
+"""Tests of `llm/objectives/preference_game.py`: black-box `pbkd` (offline and online) and white-box `mm_pbkd` run from
 `llm/train.py` (spec llm.md sections 2-3).
 
 Models are tiny randomly initialised GPT-2 configs saved with the real GPT-2 tokenizer; the data
@@ -22,7 +22,8 @@ from llm import losses
 from llm import train as trainer
 from llm.config import load_config
 from llm.judges import JUDGES
-from llm.pbkd import MMPbKD, PbKD
+from llm.objectives.preference_game import MMPbKD, PbKD
+from llm.run import encode, logits_of
 from llm.preference_store import PreferenceStore
 from llm.reward_model import NonFiniteRewardError
 
@@ -115,14 +116,15 @@ def test_pbkd_online_two_rounds_append_one_batch_each_and_resume_restores_the_ga
 
 KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys
-    from llm import pbkd, train
+    from llm import train
     from llm.config import load_config
-    real = pbkd._PreferenceGame.fit_mle
+    from llm.objectives import preference_game
+    real = preference_game._PreferenceGame.fit_mle
     def fit_mle(self, round_index):
         if round_index == 1:  # round 1 is labelled and appended: die before training on it
             os.kill(os.getpid(), signal.SIGKILL)
         return real(self, round_index)
-    pbkd._PreferenceGame.fit_mle = fit_mle
+    preference_game._PreferenceGame.fit_mle = fit_mle
     train.train(load_config(sys.argv[1]))
 """)
 
@@ -239,11 +241,11 @@ def test_mm_pbkd_terms_match_a_float64_brute_force(assets, tmp_path):
     assert isinstance(objective, MMPbKD)
     examples = run.train_data[:3]
     responses = ["red cat", "sun moon tree river", "lamp"]
-    batch = trainer.encode(run, examples, responses)
+    batch = encode(run, examples, responses)
     with torch.no_grad():
         f = objective.f_values(batch)
         p = objective.teacher_probs(batch)
-        q = torch.softmax(trainer.logits_of(run.student, batch, run).float(), -1)
+        q = torch.softmax(logits_of(run.student, batch, run).float(), -1)
         r_f = losses.induced_sequence_reward(f, p, batch["labels"], batch["response_mask"])
         reward_via_objective = objective.sequence_rewards(batch)
     brute = _brute_force_terms(run, objective.adversary, examples, responses)

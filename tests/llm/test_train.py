@@ -170,10 +170,23 @@ def test_config_file_with_unknown_key_is_refused(tmp_path):
         load_config(path)
 
 
-def test_objective_registry_matches_config_choices():
-    assert set(trainer.OBJECTIVE_REGISTRY) == set(OBJECTIVES)
+def test_objective_registry_resolves_every_name_and_is_the_config_choices():
+    """One registry: every name resolves to an Objective class, and the config offers exactly these names."""
+    from llm.objectives.base import REGISTRY, Objective, objective_class
+
+    for name in REGISTRY:
+        assert issubclass(objective_class(name), Objective), name
     field = {f.name: f for f in __import__("dataclasses").fields(TrainConfig)}["objective"]
-    assert field.metadata["choices"] == OBJECTIVES
+    assert field.metadata["choices"] == OBJECTIVES == tuple(REGISTRY)
+
+
+def test_reading_a_config_loads_no_torch():
+    """`llm/config.py` validates objectives and judges from names only (a fresh interpreter)."""
+    code = ("import sys; from llm.config import load_config; load_config(None, ['objective=pbkd', 'pbkd.judge=rouge']); "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
 
 
 def test_shipped_configs_parse():
@@ -288,10 +301,14 @@ def test_greedy_teacher_responses_are_shared_across_seeds_sampled_ones_are_not(a
     assert len(list((tmp_path / "cache" / "teacher_responses").glob("*.jsonl"))) == files
 
 
-def test_token_objective_on_mismatched_vocabularies_is_refused(assets, tmp_path):
-    cfg = load_config(_write_config(tmp_path, _config(assets, tmp_path, objective="fkl",
+@pytest.mark.parametrize("objective", ["fkl", "mm_pbkd"])
+def test_token_objective_on_mismatched_vocabularies_is_refused(assets, tmp_path, objective):
+    """The message that names both vocabularies reaches the user for every token-level objective
+    (mm_pbkd's was once swallowed by a generic one)."""
+    cfg = load_config(_write_config(tmp_path, _config(assets, tmp_path, objective=objective,
                                                       student=str(assets["other_vocab_student"]))))
-    with pytest.raises(ValueError, match="needs one vocabulary.*still work.*dpkd"):
+    with pytest.raises(ValueError, match=f"objective '{objective}'.*needs one vocabulary.*teacher vocabulary .*"
+                                         "student vocabulary .*still work.*dpkd"):
         trainer.train(cfg)
     assert not (tmp_path / "runs" / "run" / "metrics.jsonl").exists()  # refused before training
 

@@ -17,6 +17,9 @@ Also the protocol helpers of `theory/common.py` on hand-made data.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -229,3 +232,20 @@ def test_clopper_pearson(k, n):
 def test_write_json_requires_protocol_keys(tmp_path):
     with pytest.raises(ValueError, match="missing"):
         common.write_json(tmp_path / "x.json", {"experiment": "x"})
+
+
+def test_a_quick_run_leaves_figures_untouched(tmp_path):
+    """`--quick` without `--out-dir` writes to the scratch runs/quick/, never over figures/ (a
+    quick run once overwrote the committed full-mode figures). Run as a user would, from a
+    folder holding a figures/ of its own."""
+    figures = tmp_path / "figures"
+    figures.mkdir()
+    (figures / "coverage.json").write_text('{"mode": "full"}')
+    out = subprocess.run([sys.executable, "-m", "theory.coverage", "--quick", "--no-progress"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert [p.name for p in figures.iterdir()] == ["coverage.json"]
+    assert (figures / "coverage.json").read_text() == '{"mode": "full"}'
+    assert json.loads((tmp_path / "runs" / "quick" / "coverage.json").read_text())["mode"] == "quick"
+    assert common.parse_args("coverage", "", []).out_dir == common.FIGURES_DIR  # a full run still writes figures/
+    assert common.parse_args("coverage", "", ["--quick", "--out-dir", "x"]).out_dir == Path("x")

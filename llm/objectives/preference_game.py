@@ -1,6 +1,6 @@
 """Preference-based knowledge distillation at LLM scale (spec llm.md sections 2 and 3).
 
-Two objectives of `llm/train.py`, each in one class:
+Two objectives, each in one class:
 
 * :class:`PbKD` (``objective=pbkd``, black-box, Algorithms 1-2). A reward model ``r_phi(x, y)``
   (:class:`llm.reward_model.RewardModel`, bounded ``B tanh(raw/B)``) plays the adversary inside
@@ -59,21 +59,13 @@ from llm import losses
 from llm.data import Example
 from llm.judges import PreferenceQuery, make_judge
 from llm.models import pruned_student, small_config_like
+from llm.objectives.base import Objective
 from llm.preference_store import PreferenceStore
 from llm.reward_model import NonFiniteRewardError, QHead, RewardModel
-from llm.train import (
-    Objective,
-    Run,
-    chunks,
-    encode,
-    local_batch_indices,
-    logits_of,
-    sample_student_responses,
-    teacher_logits,
-    validate,
-)
+from llm.rollout import Rollout, encode_rollout, encode_teacher_responses, student_rollouts
+from llm.run import Run, chunks, encode, local_batch_indices, logits_of, teacher_logits, validate
 
-__all__ = ["PbKD", "MMPbKD", "OBJECTIVES"]
+__all__ = ["PbKD", "MMPbKD"]
 
 
 class _PreferenceGame(Objective):
@@ -205,9 +197,9 @@ class _PreferenceGame(Objective):
         if offline_reference:
             responses, model_1 = [ex.response for ex in examples], "reference"
         else:
-            responses = sample_student_responses(run, examples, seed=self.cfg.seed * 7919 + 104_729 * (round_index + 1))
-            model_1 = f"student@round{round_index}"
-        queries = [PreferenceQuery(prompt=ex.prompt, response_0=self.teacher_cache[ex.prompt], response_1=y,
+            samples = student_rollouts(run, examples, seed=self.cfg.seed * 7919 + 104_729 * (round_index + 1))
+            responses, model_1 = samples.texts(run.tokenizer), f"student@round{round_index}"
+        queries = [PreferenceQuery(prompt=ex.prompt, response_0=self.teacher_cache[ex.prompt].text, response_1=y,
                                    round=round_index, index=i, model_0="teacher", model_1=model_1,
                                    references=tuple(ex.references))
                    for i, (ex, y) in enumerate(zip(examples, responses))]
@@ -259,10 +251,22 @@ class _PreferenceGame(Objective):
         self.step_adversary = {"lam": self.lam, "bt_nll": float(nll.detach()), "nll_ref": self.nll_ref,
                                "bt_bound": self.nll_ref + self.zeta_over_n, "reward_gap": float(gap)}
 
-    def student_samples(self, examples, step: int) -> list[str]:
-        k = self.p.samples_per_prompt
-        repeated = [ex for ex in examples for _ in range(k)]
-        return sample_student_responses(self.run, repeated, seed=self.cfg.seed * 7919 + step)
+    def student_samples(self, examples, step: int) -> Rollout:
+        """k rollouts of the current student per prompt (consecutive rows)."""
+        return student_rollouts(self.run, examples, seed=self.cfg.seed * 7919 + step, k=self.p.samples_per_prompt)
+
+    def rollout_batches(self, examples, step: int):
+        """(the student rollouts, their batch S_all, the teacher responses' batch T_all) of a step."""
+        y_S = self.student_samples(examples, step)
+        return y_S, encode_rollout(self.run, y_S), encode_teacher_responses(self.run, examples, self.teacher_cache)
+
+    def micro_batch(self, part, sl: slice, y_S: Rollout) -> dict:
+        """The student rollouts S and teacher responses T of one micro-batch (prompts `sl` of the step)."""
+        k, run = self.p.samples_per_prompt, self.run
+        S = encode_rollout(run, y_S[sl.start * k : sl.stop * k])
+        T = encode_teacher_responses(run, part, self.teacher_cache)
+        return {"S": S, "T": T, "counts": {"prompts": torch.tensor(len(part), device=run.device),
+                                           "teacher_tokens": T["response_mask"].sum()}}
 
     def seqkd_term(self, micro, totals) -> torch.Tensor:
         T = micro["T"]
@@ -312,11 +316,8 @@ class PbKD(_PreferenceGame):
         return self.adversary(batch["input_ids"], batch["attention_mask"])
 
     def make_batch(self, examples, step):
-        run, k, size = self.run, self.p.samples_per_prompt, self.run.micro_batch_size
-        y_S = self.student_samples(examples, step)
-        y_T = [self.teacher_cache[ex.prompt] for ex in examples]
-        repeated = [ex for ex in examples for _ in range(k)]
-        S_all, T_all = encode(run, repeated, y_S), encode(run, examples, y_T)
+        k, size = self.p.samples_per_prompt, self.run.micro_batch_size
+        y_S, S_all, T_all = self.rollout_batches(examples, step)
 
         def lagrangian(nll):  # -(E_p r_phi - E_q r_phi) + lam (NLL_BT - NLL_ref - zeta/|D|)
             r_T, r_S = self.sequence_rewards(T_all), self.sequence_rewards(S_all)
@@ -331,11 +332,7 @@ class PbKD(_PreferenceGame):
         micros = []
         for i, part in enumerate(chunks(examples, size)):
             sl = slice(i * size, i * size + len(part))
-            S = encode(run, [ex for ex in part for _ in range(k)], y_S[sl.start * k : sl.stop * k])
-            T = encode(run, part, y_T[sl])
-            micros.append({"S": S, "T": T, "rewards": rewards[sl], "r_T": r_T[sl],
-                           "counts": {"prompts": torch.tensor(len(part), device=run.device),
-                                      "teacher_tokens": T["response_mask"].sum()}})
+            micros.append({**self.micro_batch(part, sl, y_S), "rewards": rewards[sl], "r_T": r_T[sl]})
         return micros
 
     def loss(self, micro, totals, diagnostics):
@@ -382,11 +379,8 @@ class MMPbKD(_PreferenceGame):
         return off, on
 
     def make_batch(self, examples, step):
-        run, k, size, beta = self.run, self.p.samples_per_prompt, self.run.micro_batch_size, self.p.mm_beta
-        y_S = self.student_samples(examples, step)
-        y_T = [self.teacher_cache[ex.prompt] for ex in examples]
-        repeated = [ex for ex in examples for _ in range(k)]
-        S_all, T_all = encode(run, repeated, y_S), encode(run, examples, y_T)
+        run, size, beta = self.run, self.run.micro_batch_size, self.p.mm_beta
+        y_S, S_all, T_all = self.rollout_batches(examples, step)
         with torch.no_grad():
             q_T = torch.softmax(logits_of(run.student, T_all, run).float(), -1)
             p_S = self.teacher_probs(S_all)
@@ -401,15 +395,12 @@ class MMPbKD(_PreferenceGame):
         with torch.no_grad():
             self.adversary.eval()
             for i, part in enumerate(chunks(examples, size)):
-                sl = slice(i * size, i * size + len(part))
-                S = encode(run, [ex for ex in part for _ in range(k)], y_S[sl.start * k : sl.stop * k])
-                T = encode(run, part, y_T[sl])
+                micro = self.micro_batch(part, slice(i * size, i * size + len(part)), y_S)
+                S, T = micro["S"], micro["T"]
                 f_S, p_S_micro = self.guarded(self.f_values, S), self.teacher_probs(S)
                 micros.append({
-                    "S": S, "T": T, "f_T": self.guarded(self.f_values, T), "f_S": f_S, "p_S": p_S_micro,
+                    **micro, "f_T": self.guarded(self.f_values, T), "f_S": f_S, "p_S": p_S_micro,
                     "r_f": losses.induced_sequence_reward(f_S, p_S_micro, S["labels"], S["response_mask"]),
-                    "counts": {"prompts": torch.tensor(len(part), device=run.device),
-                               "teacher_tokens": T["response_mask"].sum()},
                 })
         return micros
 
@@ -437,7 +428,3 @@ class MMPbKD(_PreferenceGame):
                    "on_moment": float(on.detach()) * w, "moment_gap": float(beta * off.detach() + (1 - beta) * on) * w,
                    "induced_reward_student": float(micro["r_f"].mean()) * w}
         return self.finish_loss(loss, metrics, micro, totals, w)
-
-
-OBJECTIVES = {"pbkd": PbKD, "mm_pbkd": MMPbKD}
-"""The preference-based objectives by name (registered in ``llm.train.OBJECTIVE_REGISTRY``)."""

@@ -1,0 +1,205 @@
+"""What one training run shares, below the objectives and the loop (spec llm.md section 6).
+
+- :class:`Run`: config, engine, teacher and student with their tokenizers, data, folders;
+  :class:`TrainState`: the counters a checkpoint carries.
+- The data order: a pure function of (seed, step), so a resumed run sees the same batches.
+- Sequences: :func:`encode` (text responses) and :func:`encode_ids` (token-id responses, as
+  rollouts and the teacher cache give them) build one batch layout, narrowed to the response
+  positions so that logits are computed only where a loss is; :func:`logits_of`.
+- :func:`generation_model` (the student's full weights for sampling) and :func:`validate`
+  (validation score of the current student, for checkpoint selection and the rounds' log).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from llm.config import TrainConfig
+from llm.data import Example, collate_rows, encode_sft_batch, prompt_token_ids
+from llm.evaluate import evaluate_model
+
+
+@dataclass
+class TrainState:
+    """Counters saved with every checkpoint (the data position is `examples_seen`)."""
+
+    step: int = 0  # optimiser steps done
+    examples_seen: int = 0  # training sequences consumed, summed over processes
+    best_valid_rouge_l: float = -math.inf
+    best_step: int = -1
+    valid_history: list = field(default_factory=list)  # (step, validation Rouge-L)
+
+
+@dataclass
+class Run:
+    """What the loop, the objectives, evaluation and checkpoints share within one run."""
+
+    cfg: TrainConfig
+    accelerator: object
+    teacher: torch.nn.Module
+    teacher_tokenizer: object
+    student: torch.nn.Module  # the engine-wrapped student after `prepare`
+    tokenizer: object  # the student's tokenizer: training batches and evaluation
+    shared_vocabulary: bool
+    train_data: list
+    valid_data: list
+    test_data: list
+    run_dir: Path
+    cache_dir: Path
+    tied_parameter_names: list  # parameters that alias another (tied embeddings), not saved twice
+    replica: torch.nn.Module | None = None  # full-weight copy for sampling when the engine shards weights
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.cfg.batch_size // (self.world * self.cfg.grad_accum)
+
+    @property
+    def device(self):
+        return self.accelerator.device
+
+    def autocast(self):
+        return self.accelerator.autocast()
+
+
+def digest(*parts) -> str:
+    """A short stable key of JSON-able parts (cache file names)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# =============================================================================================
+# Data order: a pure function of (seed, step), so the data position is restored exactly
+# =============================================================================================
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> list[int]:
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=generator).tolist()
+
+
+def global_batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
+    """Training-set indices of optimiser step `step`: positions step*B .. step*B+B-1 of the
+    concatenation of seeded epoch permutations."""
+    out, cached = [], {}
+    for position in range(step * batch_size, (step + 1) * batch_size):
+        epoch, offset = divmod(position, n)
+        if epoch not in cached:
+            cached[epoch] = epoch_permutation(n, seed, epoch)
+        out.append(cached[epoch][offset])
+    return out
+
+
+def local_batch_indices(run: Run, step: int) -> list[int]:
+    """This process's consecutive share of the global batch of step `step`."""
+    indices = global_batch_indices(step, run.cfg.batch_size, len(run.train_data), run.cfg.seed)
+    share = run.cfg.batch_size // run.world
+    return indices[run.rank * share : (run.rank + 1) * share]
+
+
+def chunks(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+# =============================================================================================
+# Sequences and log-probabilities
+# =============================================================================================
+
+
+def _narrow(batch: dict, device) -> dict:
+    """Narrow a (B, T) batch to the response: `positions` (B, K) are each row's K =
+    longest-response positions, and `labels` / `response_mask` are taken at those positions, so
+    logits are computed only where a loss is (the prompt holds most of the tokens; the LM head
+    over 50k words is the costliest layer)."""
+    mask = batch["response_mask"]
+    T, K = mask.shape[1], int(mask.sum(1).max())
+    start = mask.argmax(1)  # first response position of each row
+    # the last column never carries a loss (labels[:, t] = input_ids[:, t+1]), so clamping there is harmless
+    positions = (start[:, None] + torch.arange(K)[None, :]).clamp(max=T - 1)
+    batch["labels"] = batch["labels"].gather(1, positions)
+    batch["response_mask"] = mask.gather(1, positions)
+    batch["positions"] = positions
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def encode(run: Run, examples: list[Example], responses: list[str] | None = None, *, tokenizer=None) -> dict:
+    """Right-padded prompt+response+EOS batch of text responses (llm.data.encode_sft_batch; gold
+    responses when `responses` is None), narrowed to the response, on the device."""
+    batch = encode_sft_batch(tokenizer or run.tokenizer, examples, run.cfg.data.max_prompt_tokens,
+                             run.cfg.data.max_length, responses=responses)
+    return _narrow(batch, run.device)
+
+
+def prompt_ids(run: Run, examples: list[Example], *, tokenizer=None) -> list[list[int]]:
+    """Token ids of each example's prompt, as every batch of the run sees it (capped, templated)."""
+    return [prompt_token_ids(tokenizer or run.tokenizer, ex.prompt, max_prompt_tokens=run.cfg.data.max_prompt_tokens)
+            for ex in examples]
+
+
+def encode_ids(run: Run, prompts: list[list[int]], responses: list[list[int]], *, tokenizer=None) -> dict:
+    """The batch of :func:`encode` from token ids: each response is scored exactly as given (an
+    EOS only where it holds one), cut to `data.max_length` like a text response."""
+    limit = run.cfg.data.max_length
+    rows = [(p, list(r)[: limit - len(p)]) for p, r in zip(prompts, responses, strict=True)]
+    return _narrow(collate_rows(rows, (tokenizer or run.tokenizer).pad_token_id), run.device)
+
+
+def logits_of(model, batch: dict, run: Run) -> torch.Tensor:
+    """Logits (B, K, V) at `batch["positions"]`, aligned with `labels` and `response_mask`."""
+    with run.autocast():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     logits_to_keep=batch["positions"]).logits
+
+
+def teacher_logits(run: Run, batch: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return logits_of(run.teacher, batch, run)
+
+
+# =============================================================================================
+# The student's full weights, and its validation score
+# =============================================================================================
+
+
+def generation_model(run: Run):
+    """A module holding the student's current full weights, for sampling and evaluation.
+
+    With DDP (or one process) that is the unwrapped student itself. FSDP and DeepSpeed shard the
+    weights, so the main process gathers them into a plain replica (`run.replica`); only the
+    main process may then generate (see `llm.rollout.student_rollouts`)."""
+    if run.cfg.distributed in ("none", "ddp"):
+        return run.accelerator.unwrap_model(run.student)
+    state = run.accelerator.get_state_dict(run.student)  # collective: every process must call it
+    if run.accelerator.is_main_process:
+        run.replica.load_state_dict(state, strict=False)
+        return run.replica
+    return None
+
+
+def validate(run: Run) -> float:
+    """Validation Rouge-L of the current student (the main process generates; every process gets the score)."""
+    from accelerate.utils import broadcast_object_list
+
+    cfg = run.cfg
+    model = generation_model(run)
+    score = [None]
+    if run.accelerator.is_main_process:
+        score[0] = evaluate_model(
+            model, run.tokenizer, run.valid_data, seeds=cfg.eval.valid_seeds, greedy=cfg.eval.greedy,
+            max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
+            max_prompt_tokens=cfg.data.max_prompt_tokens,
+        )["rouge_l"]
+    broadcast_object_list(score)
+    return float(score[0])
