@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # oversubscribing the two cores these machines have.
 export OPENBLAS_NUM_THREADS ?= 1
 
-.PHONY: setup test figures distil bench clean
+.PHONY: setup test figures distil bench bench-llm clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,9 @@ distil: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pbkd_ref.bench
+
+bench-llm: $(STAMP)
+	$(PY) -m llm.bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

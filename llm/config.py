@@ -30,6 +30,9 @@ import yaml
 
 from llm.objectives.base import OBJECTIVES
 
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "testbed.yaml"
+"""The config of a plain `python llm/train.py`: the offline CPU testbed."""
+
 DISTRIBUTED_CHOICES = ("none", "ddp", "fsdp", "deepspeed")
 JUDGE_NAMES = ("bt_oracle", "rouge", "llm", "api")
 """The judges of spec section 3, by name (llm.judges.JUDGES holds their classes)."""
@@ -424,6 +427,7 @@ def help_text(cls=TrainConfig, prefix: str = "") -> str:
 __all__ = [
     "OBJECTIVES",
     "JUDGE_NAMES",
+    "DEFAULT_CONFIG",
     "DISTRIBUTED_CHOICES",
     "TrainConfig",
     "DataConfig",

@@ -41,9 +41,9 @@ import sys
 import time
 from pathlib import Path
 
-from llm.config import load_config, to_dict
+from llm.config import DEFAULT_CONFIG, load_config, to_dict
 from llm.evaluate import results_table
-from llm.train import DEFAULT_CONFIG, test_set_name, train
+from llm.train import test_set_name, train
 from pbkd_ref.cli import ArgumentParser, refusing_bad_input
 
 REPO = Path(__file__).resolve().parents[1]

@@ -64,50 +64,88 @@ class Rollout:
 
 @torch.inference_mode()
 def rollout(model, tokenizer, prompts: list[list[int]], *, seed: int, max_new_tokens: int, temperature: float = 1.0,
-            greedy: bool = False, batch_size: int = 8, max_length: int | None = None) -> Rollout:
-    """Sample one response per token-id prompt from `model` (greedy: its argmax).
+            greedy: bool = False, k: int = 1, batch_size: int = 8, max_length: int | None = None) -> Rollout:
+    """Sample `k` responses per token-id prompt from `model` (greedy: its argmax); the k rows of a
+    prompt are consecutive, in the order of `prompts`.
 
-    Draws from torch's global generator seeded with `seed` inside a forked RNG state, so the
-    caller's RNG is untouched and a seed gives the same samples for the same batch size.
-    `logprobs` are log-softmax of the logits the sampler drew from (after the temperature);
-    for greedy decoding, of the model's logits. A response longer than `max_length` minus its
-    prompt is cut there and flagged truncated.
+    The k samples of a prompt share one prefill: the prompt is encoded once and its KV cache
+    repeated k times before decoding. Prompts are taken in order of length (so a block pads
+    little), about `batch_size` sampled rows at a time. Draws come from torch's global generator
+    seeded with `seed` inside a forked RNG state, so the caller's RNG is untouched and a seed
+    gives the same samples for the same prompts, k and batch size. `logprobs` are log-softmax of
+    the logits the sampler drew from (after the temperature); for greedy decoding, of the model's
+    logits. A response longer than `max_length` minus its prompt is cut there and flagged truncated.
     """
-    from transformers import GenerationConfig
-
-    if max_new_tokens < 1 or batch_size < 1:
-        raise ValueError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens} and {batch_size}")
+    if max_new_tokens < 1 or batch_size < 1 or k < 1:
+        raise ValueError(f"max_new_tokens, batch_size and k must be >= 1, got {max_new_tokens}, {batch_size}, {k}")
     if not greedy and temperature <= 0:
         raise ValueError(f"sampling needs a temperature > 0, got {temperature}; use greedy decoding instead")
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    sampling = {} if greedy else {"temperature": temperature, "top_k": 0, "top_p": 1.0}
-    config = GenerationConfig(do_sample=not greedy, max_new_tokens=max_new_tokens, eos_token_id=eos,
-                              pad_token_id=pad, output_scores=True, return_dict_in_generate=True, **sampling)
+    prompts = [list(p) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    rows: dict[int, list] = {}  # prompt index -> its k (response ids, logprobs, truncated)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    out = Rollout([], [], [], [])
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
-            for block in chunks(list(prompts), batch_size):
-                batch = {k: v.to(device) for k, v in left_pad(block, pad).items()}
-                generated = model.generate(**batch, generation_config=config)
-                new = generated.sequences[:, batch["input_ids"].shape[1]:]
-                scores = torch.stack(generated.scores, 1).float()  # (b, L, V): the distribution of each draw
-                token_logp = torch.log_softmax(scores, -1).gather(-1, new[..., None]).squeeze(-1)
-                for p, ids, logp in zip(block, new.tolist(), token_logp.tolist()):
+            for block in chunks(order, max(1, batch_size // k)):
+                new, token_logp = _decode(model, [prompts[i] for i in block], k, eos=eos, pad=pad, greedy=greedy,
+                                          temperature=temperature, max_new_tokens=max_new_tokens)
+                for row, (ids, logp) in enumerate(zip(new.tolist(), token_logp.tolist())):
+                    p = prompts[block[row // k]]
                     n = ids.index(eos) + 1 if eos in ids else len(ids)  # up to and including the first EOS
                     cut = eos not in ids  # the token budget ran out first
                     if max_length is not None and n > max_length - len(p):
                         n, cut = max_length - len(p), True
-                    out.prompt_ids.append(list(p))
-                    out.response_ids.append(ids[:n])
-                    out.logprobs.append(logp[:n])
-                    out.truncated.append(cut)
+                    rows.setdefault(block[row // k], []).append((ids[:n], logp[:n], cut))
     finally:
         model.train(was_training)
+    out = Rollout([], [], [], [])
+    for i, p in enumerate(prompts):
+        for ids, logp, cut in rows[i]:
+            out.prompt_ids.append(p)
+            out.response_ids.append(ids)
+            out.logprobs.append(logp)
+            out.truncated.append(cut)
     return out
+
+
+def _decode(model, prompts: list[list[int]], k: int, *, eos: int, pad: int, greedy: bool, temperature: float,
+            max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ancestral sampling (or argmax) of k continuations per prompt with one shared prefill.
+
+    Returns the new tokens (b*k, L) -- `pad` after a row's EOS -- and the log-prob of each under
+    the distribution it was drawn from (b*k, L); L <= max_new_tokens (all rows finished earlier)."""
+    device = next(model.parameters()).device
+    batch = {name: v.to(device) for name, v in left_pad(prompts, pad).items()}
+    mask = batch["attention_mask"]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: every prompt starts at position 0
+    out = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions, use_cache=True,
+                logits_to_keep=1)
+    cache = out.cache
+    if k > 1:
+        cache.batch_repeat_interleave(k)
+    logits = out.logits[:, -1].float().repeat_interleave(k, 0)
+    mask, position = mask.repeat_interleave(k, 0), positions[:, -1].repeat_interleave(k, 0)
+    finished = torch.zeros(len(logits), dtype=torch.bool, device=device)
+    tokens, logps = [], []
+    for t in range(max_new_tokens):
+        logp = torch.log_softmax(logits if greedy else logits / temperature, -1)
+        token = logp.argmax(-1) if greedy else torch.multinomial(logp.exp(), 1).squeeze(1)
+        token = torch.where(finished, torch.full_like(token, pad), token)
+        tokens.append(token)
+        logps.append(logp.gather(1, token[:, None]).squeeze(1))
+        finished |= token == eos
+        if bool(finished.all()) or t + 1 == max_new_tokens:
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        position = position + 1
+        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=position[:, None],
+                    cache=cache, use_cache=True)
+        cache, logits = out.cache, out.logits[:, -1].float()
+    return torch.stack(tokens, 1), torch.stack(logps, 1)
 
 
 def encode_rollout(run: Run, samples: Rollout) -> dict:
@@ -132,8 +170,8 @@ def student_rollouts(run: Run, examples_per_process: list[Example], seed: int, k
     DeepSpeed the main process samples everyone's prompts and hands each process its share."""
     cfg, acc = run.cfg, run.accelerator
     model = generation_model(run)
-    prompts = [p for p in prompt_ids(run, examples_per_process) for _ in range(k)]
-    settings = dict(max_new_tokens=cfg.generation.max_new_tokens, temperature=cfg.generation.temperature,
+    prompts = prompt_ids(run, examples_per_process)
+    settings = dict(max_new_tokens=cfg.generation.max_new_tokens, temperature=cfg.generation.temperature, k=k,
                     batch_size=cfg.generation.batch_size, max_length=cfg.data.max_length)
     if cfg.distributed in ("none", "ddp"):
         return rollout(model, run.tokenizer, prompts, seed=seed * 1009 + run.rank, **settings)

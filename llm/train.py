@@ -67,7 +67,7 @@ from llm.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from llm.config import JUDGE_NAMES, TrainConfig, help_text, load_config, section_names, to_dict
+from llm.config import DEFAULT_CONFIG, JUDGE_NAMES, TrainConfig, help_text, load_config, section_names, to_dict
 from llm.data import Example, load_hub_dataset, load_jsonl
 from llm.evaluate import evaluate_model, results_table, write_results
 from llm.models import (
@@ -84,7 +84,6 @@ from llm.rollout import teacher_responses
 from llm.run import Run, TrainState, digest, global_batch_indices, local_batch_indices, validate
 from pbkd_ref.cli import ArgumentParser, refusing_bad_input
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "testbed.yaml"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

@@ -22,7 +22,7 @@ LAYERS = [
     {"llm.rollout", "llm.checkpoint"},
     {"llm.objectives.token_level", "llm.objectives.dpkd", "llm.objectives.preference_game"},
     {"llm.train"},
-    {"llm.experiments", "llm.bridge"},
+    {"llm.experiments", "llm.bridge", "llm.bench"},
 ]
 LAYER = {module: i for i, layer in enumerate(LAYERS) for module in layer}
 

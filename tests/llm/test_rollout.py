@@ -78,6 +78,28 @@ def test_logprobs_are_the_sampling_distribution_of_each_token(tok, model):
             assert torch.allclose(torch.tensor(logp, dtype=torch.float64), brute, atol=1e-4)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "opt", "llama"])
+def test_k_samples_share_one_prefill_and_keep_the_sampling_logprobs(tok, family):
+    """k rows per prompt, consecutive and in prompt order, from one prefill whose KV cache is
+    repeated: each row's recorded log-probs equal a fresh forward pass over its own ids (a cache
+    repeated in the wrong order, or wrong positions under left padding, fails), and greedy
+    decoding gives the same continuations as encoding the prompt k times."""
+    policy = fresh_student(tiny_config(family, 50257, bos_token_id=EOS, eos_token_id=EOS, pad_token_id=EOS),
+                           seed=7).eval()
+    prompts = _prompt_ids(tok)  # three lengths: left padding inside a block
+    samples = rollout(policy, tok, prompts, seed=4, max_new_tokens=5, k=3, batch_size=6, temperature=0.8)
+    assert samples.prompt_ids == [p for p in prompts for _ in range(3)]
+    assert len({tuple(r) for r in samples.response_ids}) > 3  # the k samples of a prompt are drawn apart
+    for p, r, logp in zip(samples.prompt_ids, samples.response_ids, samples.logprobs):
+        with torch.no_grad():
+            logits = policy(torch.tensor([p + r])).logits[0, len(p) - 1 : len(p) + len(r) - 1].double()
+        brute = torch.log_softmax(logits / 0.8, -1).gather(1, torch.tensor(r)[:, None]).squeeze(1)
+        assert torch.allclose(torch.tensor(logp, dtype=torch.float64), brute, atol=1e-4)
+    shared = rollout(policy, tok, prompts, seed=0, max_new_tokens=6, k=2, greedy=True)
+    repeated = rollout(policy, tok, [p for p in prompts for _ in range(2)], seed=0, max_new_tokens=6, greedy=True)
+    assert shared.response_ids == repeated.response_ids
+
+
 def test_truncated_samples_get_no_eos_and_finished_ones_end_with_it(tok, model):
     never_eos = _biased(model, 11)
     cut = rollout(never_eos, tok, _prompt_ids(tok), seed=1, max_new_tokens=4)
