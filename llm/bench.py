@@ -11,7 +11,7 @@ prompts taken in order of length -- against the same samples drawn by `transform
 at temperature 1 with no top-k, top-p or n-gram blocking; generated tokens are counted up to
 each row's EOS, so the two are compared on the work that lands in the batch.
 
-Writes `figures/llm_bench.json` (or `--out`); `--quick` runs a tiny random model for seconds and
+Writes `figures/llm_bench.json` (or into `--out-dir`); `--quick` runs a tiny random model for seconds and
 writes to the scratch `runs/quick/` unless `--out` is given.
 """
 
@@ -31,9 +31,9 @@ from llm.checkpoint import atomic_write_bytes
 from llm.data import left_pad, prompt_token_ids
 from llm.rollout import rollout
 from pbkd_ref.cli import ArgumentParser, refusing_bad_input
+from theory.common import FIGURES_DIR, QUICK_DIR, output_dir
 
-FIGURES = Path("figures") / "llm_bench.json"
-QUICK = Path("runs") / "quick" / "llm_bench.json"
+NAME = "llm_bench.json"
 
 
 def _log(message: str) -> None:
@@ -132,7 +132,8 @@ def environment() -> dict:
 def main(argv=None) -> dict:
     parser = ArgumentParser(prog="python -m llm.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a tiny random model, seconds (smoke run)")
-    parser.add_argument("--out", type=Path, default=None, help=f"JSON path (default {FIGURES}, or {QUICK} with --quick)")
+    parser.add_argument("--out-dir", type=Path, default=None,
+                        help=f"where {NAME} goes (default {FIGURES_DIR}/, or {QUICK_DIR}/ with --quick)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per measurement, after one warm-up")
     parser.add_argument("--ks", type=int, nargs="+", default=[2, 4], help="samples per prompt (pbkd.samples_per_prompt)")
     parser.add_argument("--prompts", type=int, default=8, help="prompts of one step (the testbed batch_size)")
@@ -141,7 +142,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.prompts < 1 or min(args.ks) < 1 or args.threads < 1:
         parser.error("--repeats, --prompts, --ks and --threads must be >= 1")
-    out = args.out or (QUICK if args.quick else FIGURES)
+    out = output_dir(args.out_dir, args.quick) / NAME
     torch.set_num_threads(args.threads)
     with refusing_bad_input():
         student, tokenizer, prompts, settings = (_quick_setup(args.prompts) if args.quick

@@ -265,12 +265,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", required=True, help="folder for results.json and results.md")
     args = parser.parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        parser.error(f"--limit must be >= 1, got {args.limit}")
 
     from llm.models import load_causal_lm, load_tokenizer
 
     with refusing_bad_input():  # every input is read before the first generation: a bad one is one line, exit 2
-        if args.limit is not None and args.limit < 1:
-            raise ValueError(f"--limit must be >= 1, got {args.limit}")
         test_sets = {}
         for value in args.data:
             name, path = _parse_data_arg(value)

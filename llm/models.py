@@ -189,8 +189,10 @@ def _describe(tokenizer, model) -> str:
     return f"{name!s} ({len(tokenizer)} tokens, logits width {_logits_width(model)})"
 
 
-def check_vocabularies(teacher_tok, student_tok, teacher_model, student_model, objective: str) -> None:
-    """Fail before training when a token-level objective meets two vocabularies (spec section 6).
+def check_vocabularies(teacher_tok, student_tok, teacher_model, student_model, objective: str) -> list[str]:
+    """Fail before training when a token-level objective meets two vocabularies (spec section 6);
+    otherwise return what keeps the two from sharing one vocabulary (:func:`vocabulary_problems`;
+    empty when they share it, and a text-level objective then scores each side in its own tokens).
 
     Token-level objectives (``llm.objectives.base.TOKEN_LEVEL_OBJECTIVES``) compare ``p(.|s_h)`` with ``q(.|s_h)``
     index by index, so the two tokenizers must map every token string to the same id and the
@@ -200,10 +202,8 @@ def check_vocabularies(teacher_tok, student_tok, teacher_model, student_model, o
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
-    if objective in TEXT_LEVEL_OBJECTIVES:
-        return
     problems = vocabulary_problems(teacher_tok, student_tok, teacher_model, student_model)
-    if problems:
+    if problems and objective not in TEXT_LEVEL_OBJECTIVES:
         raise ValueError(
             f"objective {objective!r} matches teacher and student token distributions and needs one "
             f"vocabulary, but teacher vocabulary {_describe(teacher_tok, teacher_model)} and student "
@@ -211,6 +211,7 @@ def check_vocabularies(teacher_tok, student_tok, teacher_model, student_model, o
             f"Objectives that still work with different vocabularies (they exchange text only): "
             f"{', '.join(TEXT_LEVEL_OBJECTIVES)}. Or use a student that shares the teacher's tokenizer."
         )
+    return problems
 
 
 def vocabulary_problems(teacher_tok, student_tok, teacher_model, student_model) -> list[str]:

@@ -43,11 +43,6 @@ class Rollout:
     def __getitem__(self, rows: slice) -> Rollout:
         return Rollout(self.prompt_ids[rows], self.response_ids[rows], self.logprobs[rows], self.truncated[rows])
 
-    @classmethod
-    def concat(cls, parts: list[Rollout]) -> Rollout:
-        return cls(*([row for part in parts for row in getattr(part, name)]
-                     for name in ("prompt_ids", "response_ids", "logprobs", "truncated")))
-
     def texts(self, tokenizer) -> list[str]:
         """The responses as text (EOS dropped), for judges and for another model's tokenizer."""
         return [tokenizer.decode(r if cut else r[:-1], skip_special_tokens=True).strip()
@@ -270,7 +265,7 @@ def teacher_responses(run: Run, examples: list[Example]) -> dict[str, TeacherSam
                 progress.update(len(block))
             progress.close()
     acc.wait_for_everyone()
-    return _read_cache(path)[0]
+    return have if acc.is_main_process else _read_cache(path)[0]
 
 
 def encode_teacher_responses(run: Run, examples: list[Example], cache: dict[str, TeacherSample], *,

@@ -77,7 +77,6 @@ from llm.models import (
     load_tokenizer,
     pruned_student,
     small_config_like,
-    vocabulary_problems,
 )
 from llm.objectives.base import OBJECTIVES, Objective, build_objective
 from llm.rollout import teacher_responses
@@ -240,9 +239,9 @@ def setup(cfg: TrainConfig, *, resume: bool = False):
 
     train_data, valid_data, test_data = load_data(cfg)
     teacher, teacher_tokenizer, student, tokenizer = build_models(cfg, accelerator.device)
-    check_vocabularies(teacher_tokenizer, tokenizer, teacher, student, cfg.objective)  # names both vocabularies
-    # text-level objectives also run across two vocabularies: teacher and student then score in their own tokens
-    shared = not vocabulary_problems(teacher_tokenizer, tokenizer, teacher, student)
+    # a token-level objective on two vocabularies is refused, naming both; a text-level one runs, and teacher
+    # and student then score in their own tokens
+    shared = not check_vocabularies(teacher_tokenizer, tokenizer, teacher, student, cfg.objective)
     tied = tied_parameter_names(student)
     if resume:
         load_weights(student, folder, tied)

@@ -1,7 +1,10 @@
-"""Tiny run assets shared by the preference-game tests (`test_pbkd.py`) and the experiment tests
-(`test_experiments.py`): randomly initialised GPT-2 teacher and student saved with the real GPT-2
-tokenizer, and a small generated Dolly-format set whose references make the `bt_oracle` judge
-informative."""
+"""Fixtures shared by the `llm/` tests.
+
+- Tiny run assets for the preference-game tests (`test_pbkd.py`) and the experiment tests
+  (`test_experiments.py`): randomly initialised GPT-2 teacher and student saved with the real
+  GPT-2 tokenizer, and a small generated Dolly-format set whose references make the `bt_oracle`
+  judge informative.
+- `one_thread` (a module that uses it runs its tiny models on one thread) and `gpt2_tokenizer`."""
 
 from __future__ import annotations
 
@@ -14,7 +17,24 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from llm.models import gpt2_tokenizer_dir, load_tokenizer, tiny_config
+from llm.models import GPT2_TOKENIZER_NAME, gpt2_tokenizer_dir, load_tokenizer, tiny_config
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, above all on a shared machine; restored afterwards.
+    A module opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer():
+    """GPT-2's real tokenizer (50,257 tokens; EOS = pad = 50256)."""
+    return load_tokenizer(GPT2_TOKENIZER_NAME)
+
 
 WORDS = "red green blue cat dog sun moon tree river stone apple bread lamp cloud".split()
 

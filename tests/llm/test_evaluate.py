@@ -31,18 +31,12 @@ PROMPTS = [format_prompt("Name a colour."), format_prompt("Summarise the text.",
            format_prompt("Hi."), format_prompt("Count the words.", "one two three four five six")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, above all on a shared machine; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer(GPT2_TOKENIZER_NAME)
+def tok(gpt2_tokenizer):
+    return gpt2_tokenizer
 
 
 @pytest.fixture(scope="module", params=["gpt2", "opt", "llama"])

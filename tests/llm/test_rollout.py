@@ -12,24 +12,19 @@ import torch
 from llm.config import TrainConfig
 from llm.data import Example
 from llm.evaluate import generate
-from llm.models import GPT2_TOKENIZER_NAME, fresh_student, load_tokenizer, tiny_config
+from llm.models import fresh_student, tiny_config
 from llm.rollout import Rollout, TeacherSample, _read_cache, encode_rollout, rollout, teacher_responses
 from llm.run import prompt_ids
 
 EOS = 50256  # GPT-2's EOS, also its pad token
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer(GPT2_TOKENIZER_NAME)
+def tok(gpt2_tokenizer):
+    return gpt2_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -142,8 +137,9 @@ def test_the_training_batch_holds_exactly_the_sampled_ids(tok, model):
     ids = _prompt_ids(tok)
     odd = [tok(" a")["input_ids"][0], tok("b")["input_ids"][0], EOS]
     assert tok(tok.decode(odd[:2]))["input_ids"] != odd[:2]  # the text round trip would change them
-    samples = Rollout.concat([Rollout([ids[0]], [odd], [[-0.5, -1.0, -2.0]], [False]),
-                              rollout(model, tok, ids[1:], seed=2, max_new_tokens=5)])
+    sampled = rollout(model, tok, ids[1:], seed=2, max_new_tokens=5)
+    samples = Rollout([ids[0], *sampled.prompt_ids], [odd, *sampled.response_ids],
+                      [[-0.5, -1.0, -2.0], *sampled.logprobs], [False, *sampled.truncated])
     batch = encode_rollout(_run(tok), samples)
     for i, r in enumerate(samples.response_ids):
         mask = batch["response_mask"][i].bool()
