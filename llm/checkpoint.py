@@ -147,6 +147,7 @@ def read_checkpoint(run_dir: Path) -> tuple[Path, dict]:
 
 # Keys a resumed run may change: they do not alter the training trajectory.
 RESUME_MAY_CHANGE = ("out_dir", "stop_after", "log_every", "save_every", "keep_checkpoints", "num_threads",
+                     "loss_chunk_tokens",
                      "eval.before", "eval.teacher", "eval.test_seeds", "eval.batch_size")
 
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from llm.objectives.base import OBJECTIVES
+from llm.objectives.base import DIVERGENCE_OBJECTIVES, OBJECTIVES
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "testbed.yaml"
 """The config of a plain `python llm/train.py`: the offline CPU testbed."""
@@ -94,6 +94,12 @@ class KDConfig:
     skl_alpha: float = _field(0.1, "alpha of skew KL, KL(p || alpha p + (1-alpha) q)")
     srkl_alpha: float = _field(0.1, "alpha of skew reverse KL, KL(q || (1-alpha) p + alpha q)")
     akl_mu: float = _field(0.5, "teacher-mass threshold mu of the adaptive KL head")
+    teacher_topk: int = _field(
+        0,
+        "teacher top-k cache: k > 0 computes the teacher's top-k log-probs and tail mass on every fixed (gold or "
+        "cached teacher) response once, under cache_dir, and the off-policy batches use them instead of running "
+        "the teacher (0 = run the teacher every step)",
+    )
 
 
 @dataclass
@@ -238,6 +244,10 @@ class TrainConfig:
     batch_size: int = _field(8, "sequences per optimiser step, summed over processes and accumulation")
     grad_accum: int = _field(1, "gradient accumulation steps; micro-batch = batch_size / (processes * grad_accum)")
     max_steps: int = _field(200, "optimiser steps of the run")
+    loss_chunk_tokens: int = _field(
+        1024, "response tokens per chunk of the LM head and the token-level losses: peak memory holds one chunk's "
+        "(tokens, vocabulary) tensors (0 = every token of a micro-batch at once)",
+    )
     log_every: int = _field(10, "log metrics every N steps")
     save_every: int = _field(50, "write a resumable checkpoint every N steps (0 = only at the end)")
     keep_checkpoints: int = _field(1, "resumable checkpoints kept besides the best one")
@@ -349,6 +359,13 @@ def validate(cfg: TrainConfig) -> None:
     for name in ("skl_alpha", "srkl_alpha", "akl_mu"):
         if not 0.0 <= getattr(cfg.kd, name) <= 1.0:
             raise ValueError(f"kd.{name} must lie in [0, 1], got {getattr(cfg.kd, name)}")
+    if cfg.kd.teacher_topk < 0 or cfg.loss_chunk_tokens < 0:
+        raise ValueError(f"kd.teacher_topk ({cfg.kd.teacher_topk}) and loss_chunk_tokens ({cfg.loss_chunk_tokens}) "
+                         "must be >= 0")
+    if cfg.kd.teacher_topk and (cfg.objective not in DIVERGENCE_OBJECTIVES or cfg.kd.on_policy_fraction == 1.0):
+        raise ValueError(f"kd.teacher_topk caches the teacher on fixed responses, for the off-policy batches of "
+                         f"{', '.join(DIVERGENCE_OBJECTIVES)}; objective={cfg.objective} with kd.on_policy_fraction="
+                         f"{cfg.kd.on_policy_fraction} has none (set kd.teacher_topk=0)")
     if cfg.online.rounds < 1 or cfg.online.rounds > cfg.max_steps:
         raise ValueError(f"online.rounds must lie in [1, max_steps={cfg.max_steps}], got {cfg.online.rounds}")
     if cfg.student_init == "pretrained" and not cfg.student:

@@ -44,7 +44,12 @@ __all__ = [
     "srkl",
     "akl",
     "TOKEN_OBJECTIVES",
+    "token_values",
+    "divergence_values",
     "divergences",
+    "chunked_token_mean",
+    "topk_buckets",
+    "teacher_topk",
     "DPKDOutput",
     "dpkd_loss",
     "PREFERENCE_VARIANTS",
@@ -178,7 +183,7 @@ def _log_mixture(log_a: Tensor, log_b: Tensor, w: float) -> Tensor:
         return log_b
     if w == 1.0:
         return log_a
-    return torch.logsumexp(torch.stack([log_a + math.log(w), log_b + math.log1p(-w)]), dim=0)
+    return torch.logaddexp(log_a + math.log(w), log_b + math.log1p(-w))
 
 
 def _log_probs_pair(student_logits: Tensor, teacher_logits: Tensor) -> tuple[Tensor, Tensor]:
@@ -239,6 +244,64 @@ def sft_loss(student_logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------
 
 
+def _fkl_values(log_q: Tensor, log_p: Tensor) -> Tensor:
+    return _kl_per_token(log_p, log_q)
+
+
+def _rkl_values(log_q: Tensor, log_p: Tensor) -> Tensor:
+    return _kl_per_token(log_q, log_p)
+
+
+def _jsd_values(log_q: Tensor, log_p: Tensor, beta: float = 0.5) -> Tensor:
+    beta = _check_unit_interval("beta", beta)
+    if beta == 0.0:
+        return _kl_per_token(log_p, log_q)
+    if beta == 1.0:
+        return _kl_per_token(log_q, log_p)
+    log_m = _log_mixture(log_p, log_q, beta)
+    return beta * _kl_per_token(log_p, log_m) + (1.0 - beta) * _kl_per_token(log_q, log_m)
+
+
+def _skl_values(log_q: Tensor, log_p: Tensor, alpha: float = 0.1) -> Tensor:
+    alpha = _check_unit_interval("alpha", alpha)
+    return _kl_per_token(log_p, _log_mixture(log_p, log_q, alpha))
+
+
+def _srkl_values(log_q: Tensor, log_p: Tensor, alpha: float = 0.1) -> Tensor:
+    alpha = _check_unit_interval("alpha", alpha)
+    return _kl_per_token(log_q, _log_mixture(log_p, log_q, 1.0 - alpha))
+
+
+def _akl_values(log_q: Tensor, log_p: Tensor, mu: float = 0.5) -> Tensor:
+    mu = _check_unit_interval("mu", mu)
+    p = log_p.exp()
+    q_fixed = log_q.detach().exp()
+    p_sorted, order = torch.sort(p, dim=-1, descending=True, stable=True)
+    gap_sorted = (p_sorted - q_fixed.gather(-1, order)).abs()
+    head = p_sorted.cumsum(-1) <= mu
+    head[..., 0] = True
+    g_head = torch.where(head, gap_sorted, torch.zeros_like(gap_sorted)).sum(-1)
+    g_tail = torch.where(head, torch.zeros_like(gap_sorted), gap_sorted).sum(-1)
+    total = g_head + g_tail
+    positive = total > 0
+    w_head = torch.where(positive, g_head / torch.where(positive, total, torch.ones_like(total)), 0.5)
+    return w_head * _kl_per_token(log_p, log_q) + (1.0 - w_head) * _kl_per_token(log_q, log_p)
+
+
+_TOKEN_VALUES = {"fkl": _fkl_values, "rkl": _rkl_values, "jsd": _jsd_values, "skl": _skl_values,
+                 "srkl": _srkl_values, "akl": _akl_values}
+
+
+def token_values(name: str, student_logits: Tensor, teacher_logits: Tensor, **kwargs) -> Tensor:
+    """The per-token values ``(..., )`` of the divergence `name` of :data:`TOKEN_OBJECTIVES`, before
+    the masked mean: what each loss below averages, and what :func:`chunked_token_mean` averages
+    chunk by chunk. `kwargs` are the loss's own (``beta``, ``alpha``, ``mu``)."""
+    if name not in _TOKEN_VALUES:
+        raise ValueError(f"unknown token-level divergence {name!r}; choose one of {', '.join(_TOKEN_VALUES)}")
+    log_q, log_p = _log_probs_pair(student_logits, teacher_logits)
+    return _TOKEN_VALUES[name](log_q, log_p, **kwargs)
+
+
 def fkl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor) -> Tensor:
     """Forward KL ``KL(p || q) = sum_v p_v (log p_v - log q_v)``, masked token mean (spec llm.md s2).
 
@@ -246,22 +309,20 @@ def fkl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor) -> Tensor:
     that of the cross-entropy ``-sum_v p_v log q_v``).
     """
     weights = _check_pair(student_logits, teacher_logits, mask)
-    log_q, log_p = _log_probs_pair(student_logits, teacher_logits)
-    return _masked_mean(_kl_per_token(log_p, log_q), weights)
+    return _masked_mean(token_values("fkl", student_logits, teacher_logits), weights)
 
 
 def rkl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor) -> Tensor:
     """Reverse KL ``KL(q || p) = sum_v q_v (log q_v - log p_v)``, masked token mean (spec llm.md s2)."""
     weights = _check_pair(student_logits, teacher_logits, mask)
-    log_q, log_p = _log_probs_pair(student_logits, teacher_logits)
-    return _masked_mean(_kl_per_token(log_q, log_p), weights)
+    return _masked_mean(token_values("rkl", student_logits, teacher_logits), weights)
 
 
 def jsd(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, beta: float = 0.5) -> Tensor:
     """GKD's generalised JSD (spec llm.md section 2: ``jsd``), masked token mean.
 
     For ``0 < beta < 1``: ``beta KL(p || m) + (1 - beta) KL(q || m)`` with the mixture
-    ``m = beta p + (1 - beta) q`` formed in log space by ``logsumexp``.
+    ``m = beta p + (1 - beta) q`` formed in log space by ``logaddexp``.
     At the endpoints the formula itself vanishes (it equals ``beta KL(p || q) + O(beta^2)``
     near 0 and ``(1 - beta) KL(q || p) + O((1 - beta)^2)`` near 1), so, as in GKD and TRL's
     ``generalized_jsd_loss``, the endpoints are defined as the limits of the normalised
@@ -271,15 +332,7 @@ def jsd(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, beta: floa
     """
     beta = _check_unit_interval("beta", beta)
     weights = _check_pair(student_logits, teacher_logits, mask)
-    log_q, log_p = _log_probs_pair(student_logits, teacher_logits)
-    if beta == 0.0:
-        per_token = _kl_per_token(log_p, log_q)
-    elif beta == 1.0:
-        per_token = _kl_per_token(log_q, log_p)
-    else:
-        log_m = _log_mixture(log_p, log_q, beta)
-        per_token = beta * _kl_per_token(log_p, log_m) + (1.0 - beta) * _kl_per_token(log_q, log_m)
-    return _masked_mean(per_token, weights)
+    return _masked_mean(token_values("jsd", student_logits, teacher_logits, beta=beta), weights)
 
 
 def skl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, alpha: float = 0.1) -> Tensor:
@@ -289,9 +342,7 @@ def skl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, alpha: flo
     """
     alpha = _check_unit_interval("alpha", alpha)
     weights = _check_pair(student_logits, teacher_logits, mask)
-    log_q, log_p = _log_probs_pair(student_logits, teacher_logits)
-    log_m = _log_mixture(log_p, log_q, alpha)
-    return _masked_mean(_kl_per_token(log_p, log_m), weights)
+    return _masked_mean(token_values("skl", student_logits, teacher_logits, alpha=alpha), weights)
 
 
 def srkl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, alpha: float = 0.1) -> Tensor:
@@ -301,9 +352,7 @@ def srkl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, alpha: fl
     """
     alpha = _check_unit_interval("alpha", alpha)
     weights = _check_pair(student_logits, teacher_logits, mask)
-    log_q, log_p = _log_probs_pair(student_logits, teacher_logits)
-    log_m = _log_mixture(log_p, log_q, 1.0 - alpha)
-    return _masked_mean(_kl_per_token(log_q, log_m), weights)
+    return _masked_mean(token_values("srkl", student_logits, teacher_logits, alpha=alpha), weights)
 
 
 def akl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, mu: float = 0.5) -> Tensor:
@@ -319,21 +368,7 @@ def akl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, mu: float 
     """
     mu = _check_unit_interval("mu", mu)
     weights = _check_pair(student_logits, teacher_logits, mask)
-    log_q, log_p = _log_probs_pair(student_logits, teacher_logits)
-    p = log_p.exp()
-    q_fixed = log_q.detach().exp()
-    p_sorted, order = torch.sort(p, dim=-1, descending=True, stable=True)
-    gap_sorted = (p_sorted - q_fixed.gather(-1, order)).abs()
-    head = p_sorted.cumsum(-1) <= mu
-    head[..., 0] = True
-    g_head = torch.where(head, gap_sorted, torch.zeros_like(gap_sorted)).sum(-1)
-    g_tail = torch.where(head, torch.zeros_like(gap_sorted), gap_sorted).sum(-1)
-    total = g_head + g_tail
-    positive = total > 0
-    w_head = torch.where(positive, g_head / torch.where(positive, total, torch.ones_like(total)), 0.5)
-    w_tail = 1.0 - w_head
-    per_token = w_head * _kl_per_token(log_p, log_q) + w_tail * _kl_per_token(log_q, log_p)
-    return _masked_mean(per_token, weights)
+    return _masked_mean(token_values("akl", student_logits, teacher_logits, mu=mu), weights)
 
 
 TOKEN_OBJECTIVES: dict[str, Callable[..., Tensor]] = {
@@ -346,6 +381,23 @@ TOKEN_OBJECTIVES: dict[str, Callable[..., Tensor]] = {
 }
 
 
+def divergence_values(student_logits: Tensor, teacher_logits: Tensor) -> dict[str, Tensor]:
+    """Per-token values (no gradient) of what :func:`divergences` averages."""
+    with torch.no_grad():
+        log_q, log_p = _log_probs_pair(student_logits, teacher_logits)
+        p = log_p.exp()
+        cross = -(p * torch.where(p > 0, log_q, torch.zeros_like(log_q))).sum(-1)
+        log_m = _log_mixture(log_p, log_q, 0.5)
+        return {
+            "fkl": _kl_per_token(log_p, log_q),
+            "rkl": _kl_per_token(log_q, log_p),
+            "jsd": 0.5 * _kl_per_token(log_p, log_m) + 0.5 * _kl_per_token(log_q, log_m),
+            "cross_entropy": cross,
+            "teacher_entropy": _entropy_per_token(log_p),
+            "student_entropy": _entropy_per_token(log_q),
+        }
+
+
 def divergences(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor) -> dict[str, float]:
     """True divergence values for logging (spec llm.md section 2, last bullet), masked token means.
 
@@ -355,20 +407,99 @@ def divergences(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor) ->
     (``H(p)``), ``student_entropy`` (``H(q)``). Computed without gradient.
     """
     weights = _check_pair(student_logits, teacher_logits, mask)
-    with torch.no_grad():
-        log_q, log_p = _log_probs_pair(student_logits, teacher_logits)
-        p = log_p.exp()
-        cross = -(p * torch.where(p > 0, log_q, torch.zeros_like(log_q))).sum(-1)
-        log_m = _log_mixture(log_p, log_q, 0.5)
-        per_token = {
-            "fkl": _kl_per_token(log_p, log_q),
-            "rkl": _kl_per_token(log_q, log_p),
-            "jsd": 0.5 * _kl_per_token(log_p, log_m) + 0.5 * _kl_per_token(log_q, log_m),
-            "cross_entropy": cross,
-            "teacher_entropy": _entropy_per_token(log_p),
-            "student_entropy": _entropy_per_token(log_q),
-        }
-        return {name: float(_masked_mean(value, weights)) for name, value in per_token.items()}
+    values = divergence_values(student_logits, teacher_logits)
+    return {name: float(_masked_mean(value, weights)) for name, value in values.items()}
+
+
+# --------------------------------------------------------------------------------------
+# Bounded memory: vocabulary-sized losses in chunks over tokens; the teacher's top-k buckets
+# --------------------------------------------------------------------------------------
+
+
+class _ChunkedTokenMean(torch.autograd.Function):
+    """Value and gradients of :func:`chunked_token_mean`, both computed in the forward pass one
+    chunk at a time (as fused linear-cross-entropy kernels do), so no (N, V) tensor outlives its chunk."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, per_token, chunk_tokens):
+        n = hidden.shape[0]
+        leaves = (hidden, weight, bias)
+        wants = [x is not None and x.requires_grad for x in leaves]
+        grads = [torch.zeros_like(x) if want else None for x, want in zip(leaves, wants)]
+        values = []
+        for start in range(0, n, chunk_tokens):
+            rows = slice(start, min(n, start + chunk_tokens))
+            with torch.enable_grad():
+                h = hidden[rows].detach().requires_grad_(wants[0])
+                w = None if weight is None else weight.detach().requires_grad_(wants[1])
+                b = None if bias is None else bias.detach().requires_grad_(wants[2])
+                scores = h if w is None else F.linear(h, w, b)
+                v = per_token(scores, rows)
+                inputs = [x for x, want in zip((h, w, b), wants) if want]
+                got = iter(torch.autograd.grad(v.sum() / n, inputs)) if inputs else iter(())
+            if wants[0]:
+                grads[0][rows] = next(got)
+            for i in (1, 2):
+                if wants[i]:
+                    grads[i] += next(got)
+            values.append(v.detach())
+        ctx.grads = grads
+        values = torch.cat(values)
+        return _masked_mean(values, torch.ones_like(values))
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        scaled = [None if g is None else g * grad_output.to(g.dtype) for g in ctx.grads]
+        return *scaled, None, None
+
+
+def chunked_token_mean(hidden: Tensor, weight: Tensor | None, bias: Tensor | None,
+                       per_token: Callable[[Tensor, slice], Tensor], chunk_tokens: int) -> Tensor:
+    """``mean_n per_token(scores_n, n)`` over the N packed response tokens, with
+    ``scores = hidden @ weight.T + bias`` (the LM head) formed ``chunk_tokens`` rows at a time.
+
+    `hidden` is ``(N, H)``, the last hidden states at the response tokens, and `weight`,
+    `bias` the head's (``weight=None``: `hidden` already holds the scores). ``per_token(scores,
+    rows)`` returns the ``(C,)`` loss values of the chunk's rows `rows` (a slice), e.g.
+    ``token_values(name, scores, teacher_scores[rows])``. One chunk (``chunk_tokens >= N``) is
+    bit for bit the masked mean of the per-token values computed at once; smaller chunks give the
+    same values to float32 rounding (a row's reductions may be vectorised differently in a tensor
+    of another size), and the gradients are the same sums taken in another order. Peak
+    memory holds one chunk's (C, V) tensors and the gradients of `hidden` and `weight`,
+    whatever N is."""
+    _check_scores("hidden", hidden, 2)
+    if hidden.shape[0] == 0:
+        raise ValueError("hidden holds no response token; drop examples whose response was truncated away")
+    if int(chunk_tokens) < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    return _ChunkedTokenMean.apply(hidden, weight, bias, per_token, int(chunk_tokens))
+
+
+def topk_buckets(student_logits: Tensor, topk_ids: Tensor, topk_logp: Tensor, tail_logp: Tensor) -> tuple[Tensor, Tensor]:
+    """The student's and the teacher's log-probabilities over ``k + 1`` buckets: the teacher's
+    top-k tokens one by one, and every other token together as one tail bucket.
+
+    `topk_ids` / `topk_logp` ``(..., k)`` are the teacher's k most likely tokens and their
+    log-probabilities, `tail_logp` ``(...)`` the log of the teacher's remaining mass. Both
+    outputs are normalised, so any divergence of :func:`token_values` applies to them (the
+    teacher top-k cache of spec llm.md section 6). The student's tail is the logsumexp of its
+    log-probabilities outside the top-k, not ``log(1 - sum)``, so a tiny tail keeps its precision."""
+    _check_scores("student_logits", student_logits, student_logits.dim())
+    log_q = F.log_softmax(_as_float(student_logits), dim=-1)
+    ids = topk_ids.long()
+    q_top = log_q.gather(-1, ids)
+    q_tail = torch.logsumexp(log_q.scatter(-1, ids, float("-inf")), dim=-1, keepdim=True)
+    p = torch.cat([_as_float(topk_logp), _as_float(tail_logp).unsqueeze(-1)], dim=-1)
+    return torch.cat([q_top, q_tail], dim=-1), p.to(q_top.dtype)
+
+
+def teacher_topk(teacher_logits: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(ids, logp, tail_logp)``: the teacher's k most likely tokens per position, their
+    log-probabilities, and the log of the mass outside them (the inputs of :func:`topk_buckets`)."""
+    log_p = F.log_softmax(_as_float(teacher_logits), dim=-1)
+    logp, ids = log_p.topk(int(k), dim=-1)
+    tail = torch.logsumexp(log_p.scatter(-1, ids, float("-inf")), dim=-1)
+    return ids, logp, tail
 
 
 # --------------------------------------------------------------------------------------

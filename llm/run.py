@@ -131,6 +131,7 @@ def _narrow(batch: dict, device) -> dict:
     batch["labels"] = batch["labels"].gather(1, positions)
     batch["response_mask"] = mask.gather(1, positions)
     batch["positions"] = positions
+    batch["keep"] = mask.bool()  # (B, T): the real response tokens, for the packed layout of head_inputs
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -166,6 +167,40 @@ def logits_of(model, batch: dict, run: Run) -> torch.Tensor:
 def teacher_logits(run: Run, batch: dict) -> torch.Tensor:
     with torch.no_grad():
         return logits_of(run.teacher, batch, run)
+
+
+def packed_labels(batch: dict) -> torch.Tensor:
+    """The labels (N,) of the batch's N real response tokens, in the order of :func:`head_inputs`."""
+    return batch["labels"][batch["response_mask"].bool()]
+
+
+def head_inputs(model, batch: dict, run: Run) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """`(hidden, weight, bias)`: the last hidden states (N, H) at the batch's N real response
+    tokens (no padding rows, row by row in order), and the LM head's weight and bias, for
+    :func:`llm.losses.chunked_token_mean` to form the (N, V) logits a chunk at a time.
+
+    The model runs its own forward (so an engine's hooks see it) with `logits_to_keep` = the
+    response mask; a pre-hook on the output embeddings takes the hidden states and hands the head
+    an empty batch. FSDP and DeepSpeed hold the head's weight sharded outside their forward, so
+    there the head runs inside it and `(logits (N, V), None, None)` comes back."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "logits_to_keep": batch["keep"]}
+    if model is run.student and run.cfg.distributed in ("fsdp", "deepspeed"):
+        with run.autocast():
+            return model(**inputs).logits, None, None
+    head = (run.accelerator.unwrap_model(model) if model is run.student else model).get_output_embeddings()
+    taken = []
+
+    def take(module, args):
+        taken.append(args[0])
+        return (args[0][:0],)
+
+    handle = head.register_forward_pre_hook(take)
+    try:
+        with run.autocast():
+            model(**inputs)
+    finally:
+        handle.remove()
+    return taken[0], head.weight, head.bias
 
 
 # =============================================================================================

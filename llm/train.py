@@ -80,7 +80,8 @@ from llm.models import (
 )
 from llm.objectives.base import OBJECTIVES, Objective, build_objective
 from llm.rollout import teacher_responses
-from llm.run import Run, TrainState, digest, global_batch_indices, local_batch_indices, validate
+from llm.run import Run, TrainState, chunks, digest, global_batch_indices, local_batch_indices, validate
+from llm.teacher_topk import teacher_topk_cache
 from pbkd_ref.cli import ArgumentParser, refusing_bad_input
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -276,6 +277,10 @@ def setup(cfg: TrainConfig, *, resume: bool = False):
                    for i in global_batch_indices(s, cfg.batch_size, len(train_data), cfg.seed)})
     if objective.uses_teacher_responses:  # generated once and cached for every prompt the run will see
         objective.teacher_cache = teacher_responses(run, [train_data[i] for i in used])
+    if cfg.kd.teacher_topk:  # the teacher's top-k on every fixed response the run will see, computed once
+        examples = [train_data[i] for i in used]
+        objective.teacher_topk = teacher_topk_cache(
+            run, (objective.fixed_batch(part) for part in chunks(examples, run.micro_batch_size)))
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))

@@ -20,6 +20,7 @@ LAYERS = [
     {"llm.judges"},
     {"llm.run"},
     {"llm.rollout", "llm.checkpoint"},
+    {"llm.teacher_topk"},
     {"llm.objectives.token_level", "llm.objectives.dpkd", "llm.objectives.preference_game"},
     {"llm.train"},
     {"llm.experiments", "llm.bridge", "llm.bench"},

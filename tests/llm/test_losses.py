@@ -354,6 +354,103 @@ def test_jsd_symmetry(values, beta):
 
 
 # ----------------------------------------------------------------------------------------
+# Chunks over tokens, and the teacher's top-k buckets
+# ----------------------------------------------------------------------------------------
+
+
+def head_case(seed, N=7, H=6, V=11):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, H, generator=gen)
+    weight = torch.randn(V, H, generator=gen)
+    bias = torch.randn(V, generator=gen)
+    teacher = 2 * torch.randn(N, V, generator=gen)
+    labels = torch.randint(0, V, (N,), generator=gen)
+    return hidden, weight, bias, teacher, labels
+
+
+def _leaves(*tensors):
+    return [t.clone().requires_grad_() for t in tensors]
+
+
+@pytest.mark.parametrize("name,kw", PARAMS + [("sft", {})])
+@pytest.mark.parametrize("chunk", [1, 3, 7, 100])
+def test_chunked_token_mean_equals_the_unchunked_loss_and_its_gradients(name, kw, chunk):
+    """One chunk (chunk >= N) gives the unchunked loss bit for bit; smaller chunks give it to
+    float32 rounding (a row's reductions may be vectorised differently in a tensor of another
+    size). The gradients of hidden states, head weight and bias are those of autograd through the
+    whole (N, V) loss. Every chunk the loss sees has at most `chunk` rows (the memory bound)."""
+    hidden, weight, bias, teacher, labels = head_case(0)
+    ones = torch.ones(1, hidden.shape[0], dtype=torch.bool)
+    h0, w0, b0 = _leaves(hidden, weight, bias)
+    logits = torch.nn.functional.linear(h0, w0, b0)
+    if name == "sft":
+        whole = L.sft_loss(logits[None], labels[None], ones)
+        per_token = lambda scores, rows: -L.token_log_probs(scores[None], labels[rows][None])[0]  # noqa: E731
+    else:
+        whole = L.TOKEN_OBJECTIVES[name](logits[None], teacher[None], ones, **kw)
+        per_token = lambda scores, rows: L.token_values(name, scores, teacher[rows], **kw)  # noqa: E731
+    whole.backward()
+    seen = []
+    h1, w1, b1 = _leaves(hidden, weight, bias)
+    chunked = L.chunked_token_mean(h1, w1, b1, lambda s, rows: (seen.append(s.shape[0]), per_token(s, rows))[1], chunk)
+    (2.5 * chunked).backward()  # the outer gradient scales the saved ones
+    if chunk >= hidden.shape[0]:
+        assert chunked.item() == whole.item()
+    torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=0)
+    assert max(seen) <= chunk and sum(seen) == hidden.shape[0]
+    for fast, slow in ((h1, h0), (w1, w0), (b1, b0)):
+        torch.testing.assert_close(fast.grad, 2.5 * slow.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_token_mean_takes_scores_without_a_head_and_refuses_empty_input():
+    _, _, _, teacher, _ = head_case(1)
+    student = torch.randn_like(teacher, requires_grad=True)
+    value = L.chunked_token_mean(student, None, None, lambda s, rows: L.token_values("rkl", s, teacher[rows]), 2)
+    value.backward()
+    reference = student.detach().clone().requires_grad_()
+    L.rkl(reference[None], teacher[None], torch.ones(1, len(teacher))).backward()
+    torch.testing.assert_close(student.grad, reference.grad)
+    with pytest.raises(ValueError, match="no response token"):
+        L.chunked_token_mean(torch.zeros(0, 3), None, None, lambda s, rows: s.sum(-1), 2)
+    with pytest.raises(ValueError, match="chunk_tokens"):
+        L.chunked_token_mean(student, None, None, lambda s, rows: s.sum(-1), 0)
+
+
+def bf_buckets(probs, top):
+    """Brute force: the mass of each top token, then the rest summed."""
+    return [probs[i] for i in top] + [sum(v for i, v in enumerate(probs) if i not in top)]
+
+
+@pytest.mark.parametrize("k", [1, 3, 10])
+def test_teacher_topk_and_buckets_match_brute_force(k):
+    gen = torch.Generator().manual_seed(2)
+    s, t = torch.randn(3, 10, generator=gen, dtype=torch.float64), 3 * torch.randn(3, 10, generator=gen, dtype=torch.float64)
+    ids, logp, tail = L.teacher_topk(t, k)
+    q_b, p_b = L.topk_buckets(s, ids, logp, tail)
+    for row in range(3):
+        p, q = bf_softmax(t[row].tolist()), bf_softmax(s[row].tolist())
+        top = sorted(range(10), key=lambda i: -p[i])[:k]
+        assert sorted(ids[row].tolist()) == sorted(top)
+        order = ids[row].tolist()
+        torch.testing.assert_close(p_b[row].exp(), torch.tensor(bf_buckets(p, order), dtype=torch.float64))
+        torch.testing.assert_close(q_b[row].exp(), torch.tensor(bf_buckets(q, order), dtype=torch.float64))
+    if k == 10:  # every token kept: the tail is empty and the buckets are the full distributions
+        full = L.fkl(s[None], t[None], torch.ones(1, 3))
+        torch.testing.assert_close(L.fkl(q_b[None], p_b[None], torch.ones(1, 3)), full)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.floats(-6, 6), min_size=8, max_size=8), st.lists(st.floats(-6, 6), min_size=8, max_size=8),
+       st.integers(1, 7), st.sampled_from([n for n in L.TOKEN_OBJECTIVES if n != "akl"]))
+def test_topk_buckets_never_raise_a_divergence(student, teacher, k, name):
+    """Data processing: merging tokens into a tail bucket can only lower an f-divergence (fkl,
+    rkl, jsd, skl, srkl), so the cached loss is a lower bound of the full one."""
+    s, t = torch.tensor([student], dtype=torch.float64), torch.tensor([teacher], dtype=torch.float64)
+    q_b, p_b = L.topk_buckets(s, *L.teacher_topk(t, k))
+    assert L.token_values(name, q_b, p_b).item() <= L.token_values(name, s, t).item() + 1e-12
+
+
+# ----------------------------------------------------------------------------------------
 # DPKD
 # ----------------------------------------------------------------------------------------
 
