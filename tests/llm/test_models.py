@@ -265,3 +265,13 @@ def test_smollm2_teacher_conversion(gpt2_tok):
     with pytest.raises(ValueError, match=r"gpt2-tokenizer.*49152 tokens|49152 tokens.*gpt2-tokenizer"):
         check_vocabularies(tok, gpt2_tok, teacher, fresh_student(tiny_config("gpt2", GPT2_VOCAB)), "fkl")
     check_vocabularies(tok, tok, teacher, pruned_student(teacher, 2), "fkl")
+
+
+@pytest.mark.parametrize("build", [smollm2_teacher_dir, gpt2_tokenizer_dir])
+def test_a_cache_build_refuses_a_folder_holding_other_files_and_deletes_nothing(tmp_path, build):
+    """The one-time builds publish by replacing their folder: given a folder that already holds
+    someone else's files (such as the whole cache/), they refuse before any work, not wipe it."""
+    (tmp_path / "keep.txt").write_text("mine")
+    with pytest.raises(ValueError, match="already holds other files"):
+        build(tmp_path)
+    assert (tmp_path / "keep.txt").read_text() == "mine"
