@@ -23,8 +23,6 @@ Sections:
   order of length) against `transformers`' `generate` with each prompt encoded k times (what
   training rollouts did before). Both sample at temperature 1 with no top-k, top-p or n-gram
   blocking; generated tokens are counted up to each row's EOS.
-- `trl`: TRL's `GKDTrainer` step on the testbed models and batch, when the optional extra
-  `requirements-bench.txt` is installed.
 
 Writes `figures/llm_bench.json` (or into `--out-dir`); `--quick` runs tiny random models for
 seconds, in this process, and writes to the scratch `runs/quick/` unless `--out-dir` is given.
