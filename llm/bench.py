@@ -279,8 +279,8 @@ def _run_config(spec: dict):
     from llm.config import load_config
 
     overrides = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in spec["overrides"].items()]
-    overrides += [f"run_name=bench-{time.time_ns()}", f"out_dir={spec['out_dir']}", f"cache_dir={spec['cache_dir']}", "eval.before=false",
-                  "eval.teacher=false", "eval.every=0", "save_every=0", "online.rounds=1",
+    overrides += [f"run_name=bench-{time.time_ns()}", f"out_dir={spec['out_dir']}", f"cache_dir={spec['cache_dir']}",
+                  "eval.before=false", "eval.teacher=false", "eval.every=0", "save_every=0", "online.rounds=1",
                   f"max_steps={spec['warmup'] + spec['repeats'] + 1}", f"num_threads={spec['threads']}"]
     cfg = load_config(spec["config"], overrides)
     started = time.perf_counter()
