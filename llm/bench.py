@@ -113,60 +113,6 @@ def bench_rollout(model, tokenizer, prompts: list[list[int]], *, ks, max_new_tok
     return out
 
 
-def generate_k_times(model, tokenizer, prompts: list[list[int]], *, seed: int, k: int, max_new_tokens: int,
-                     batch_size: int) -> list[list[int]]:
-    """The comparison point: `generate` sampling k rows per prompt, each prompt encoded k times."""
-    from transformers import GenerationConfig
-
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    config = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
-                              eos_token_id=eos, pad_token_id=pad)
-    rows = [p for p in prompts for _ in range(k)]
-    out = []
-    with torch.inference_mode(), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for start in range(0, len(rows), batch_size):
-            batch = left_pad(rows[start : start + batch_size], pad)
-            new = model.generate(**batch, generation_config=config)[:, batch["input_ids"].shape[1]:]
-            out += [ids[: ids.index(eos) + 1] if eos in ids else ids for ids in new.tolist()]
-    return out
-
-
-def _median_tokens_per_s(label: str, sample, repeats: int) -> dict:
-    """Median over `repeats` timed calls of `sample()` (which returns response-id lists), after one warm-up."""
-    sample()
-    seconds, tokens = [], []
-    for repeat in range(repeats):
-        start = time.perf_counter()
-        responses = sample(seed=repeat + 1)
-        seconds.append(time.perf_counter() - start)
-        tokens.append(sum(len(r) for r in responses))
-        _log(f"{label} repeat {repeat + 1}/{repeats}: {seconds[-1]:.2f} s, {tokens[-1]} tokens")
-    rates = [t / s for t, s in zip(tokens, seconds)]
-    return {"tokens_per_s": statistics.median(rates), "seconds": statistics.median(seconds),
-            "tokens": statistics.median(tokens), "all_tokens_per_s": rates}
-
-
-def bench_rollout(model, tokenizer, prompts: list[list[int]], *, ks, max_new_tokens: int, batch_size: int,
-                  repeats: int) -> dict:
-    """Rollout tokens/s, shared prefill (llm.rollout.rollout) against `generate` with prompts repeated k times."""
-    out = {}
-    for k in ks:
-        shared = _median_tokens_per_s(
-            f"rollout k={k} shared prefill",
-            lambda seed=0: rollout(model, tokenizer, prompts, seed=seed, k=k, max_new_tokens=max_new_tokens,
-                                   batch_size=batch_size).response_ids, repeats)
-        repeated = _median_tokens_per_s(
-            f"rollout k={k} generate, prompt encoded k times",
-            lambda seed=0: generate_k_times(model, tokenizer, prompts, seed=seed, k=k, max_new_tokens=max_new_tokens,
-                                            batch_size=batch_size), repeats)
-        out[f"k{k}"] = {"shared_prefill": shared, "generate_repeated_prompts": repeated,
-                        "speedup": shared["tokens_per_s"] / repeated["tokens_per_s"]}
-        _log(f"k={k}: {shared['tokens_per_s']:.1f} against {repeated['tokens_per_s']:.1f} tokens/s "
-             f"({out[f'k{k}']['speedup']:.2f}x)")
-    return out
-
-
 TOKEN_LEVEL = ("sft", "seqkd", "fkl", "rkl", "jsd", "skl", "srkl", "akl")
 TOPK_KS = (8, 32, 128)
 TESTBED = Path(__file__).resolve().parent / "configs" / "testbed.yaml"

@@ -244,34 +244,6 @@ def sft_loss(student_logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------
 
 
-def _fkl_values(log_q: Tensor, log_p: Tensor) -> Tensor:
-    return _kl_per_token(log_p, log_q)
-
-
-def _rkl_values(log_q: Tensor, log_p: Tensor) -> Tensor:
-    return _kl_per_token(log_q, log_p)
-
-
-def _jsd_values(log_q: Tensor, log_p: Tensor, beta: float = 0.5) -> Tensor:
-    beta = _check_unit_interval("beta", beta)
-    if beta == 0.0:
-        return _kl_per_token(log_p, log_q)
-    if beta == 1.0:
-        return _kl_per_token(log_q, log_p)
-    log_m = _log_mixture(log_p, log_q, beta)
-    return beta * _kl_per_token(log_p, log_m) + (1.0 - beta) * _kl_per_token(log_q, log_m)
-
-
-def _skl_values(log_q: Tensor, log_p: Tensor, alpha: float = 0.1) -> Tensor:
-    alpha = _check_unit_interval("alpha", alpha)
-    return _kl_per_token(log_p, _log_mixture(log_p, log_q, alpha))
-
-
-def _srkl_values(log_q: Tensor, log_p: Tensor, alpha: float = 0.1) -> Tensor:
-    alpha = _check_unit_interval("alpha", alpha)
-    return _kl_per_token(log_q, _log_mixture(log_p, log_q, 1.0 - alpha))
-
-
 def _akl_head_weight(log_q: Tensor, log_p: Tensor, mu: float) -> Tensor:
     """g_H / (g_H + g_T) per position (1/2 where both gaps are 0), from a detached student."""
     p = log_p.exp()
@@ -287,10 +259,35 @@ def _akl_head_weight(log_q: Tensor, log_p: Tensor, mu: float) -> Tensor:
     return torch.where(positive, g_head / torch.where(positive, total, torch.ones_like(total)), 0.5)
 
 
-def _akl_values(log_q: Tensor, log_p: Tensor, mu: float = 0.5) -> Tensor:
-    mu = _check_unit_interval("mu", mu)
-    w_head = _akl_head_weight(log_q, log_p, mu)
-    return w_head * _kl_per_token(log_p, log_q) + (1.0 - w_head) * _kl_per_token(log_q, log_p)
+DIVERGENCE_DEFAULTS = {"beta": 0.5, "alpha": 0.1, "mu": 0.5}
+
+
+def _divergence(name: str, log_q: Tensor, log_p: Tensor, kl: Callable[[Tensor, Tensor], Tensor],
+                kwargs: dict) -> tuple[Tensor, dict]:
+    """Per-token values of the divergence `name` from log q and log p, with `kl(log_a, log_b)` the
+    per-token KL(a || b); and what the closed-form gradient reuses (`name` after the jsd endpoints
+    are resolved, the mixture `log_m`, akl's weights `w_head` and its `rkl` part)."""
+    params = {k: _check_unit_interval(k, kwargs.get(k, v)) for k, v in DIVERGENCE_DEFAULTS.items()}
+    beta, alpha = params["beta"], params["alpha"]
+    if name == "jsd" and beta in (0.0, 1.0):  # the endpoints are exactly fkl and rkl
+        name = "fkl" if beta == 0.0 else "rkl"
+    aux = {"name": name} | params
+    if name == "fkl":
+        return kl(log_p, log_q), aux
+    if name == "rkl":
+        return kl(log_q, log_p), aux
+    if name == "jsd":
+        log_m = aux["log_m"] = _log_mixture(log_p, log_q, beta)
+        return beta * kl(log_p, log_m) + (1.0 - beta) * kl(log_q, log_m), aux
+    if name == "skl":
+        log_m = aux["log_m"] = _log_mixture(log_p, log_q, alpha)
+        return kl(log_p, log_m), aux
+    if name == "srkl":
+        log_m = aux["log_m"] = _log_mixture(log_p, log_q, 1.0 - alpha)
+        return kl(log_q, log_m), aux
+    w_head = aux["w_head"] = _akl_head_weight(log_q, log_p, params["mu"])  # constants of the gradient
+    aux["rkl"] = kl(log_q, log_p)
+    return w_head * kl(log_p, log_q) + (1.0 - w_head) * aux["rkl"], aux
 
 
 def _kl_fast(log_a: Tensor, log_b: Tensor, a: Tensor) -> Tensor:
@@ -316,40 +313,24 @@ class _TokenDivergence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_logits, teacher_logits, name, kwargs):
         log_q, log_p = _log_probs_pair(student_logits, teacher_logits)
-        beta = _check_unit_interval("beta", kwargs.get("beta", 0.5))
-        if name == "jsd" and beta in (0.0, 1.0):  # the endpoints are exactly fkl and rkl
-            name = "fkl" if beta == 0.0 else "rkl"
-        p = log_p.exp() if name != "rkl" else None
-        q = log_q.exp() if name != "fkl" else None
-        alpha = _check_unit_interval("alpha", kwargs.get("alpha", 0.1))
-        mu = _check_unit_interval("mu", kwargs.get("mu", 0.5))
-        log_m = extra = None
-        if name == "fkl":
-            values = _kl_fast(log_p, log_q, p)
-        elif name == "rkl":
-            values = _kl_fast(log_q, log_p, q)
-        elif name == "jsd":
-            log_m = _log_mixture(log_p, log_q, beta)
-            values = beta * _kl_fast(log_p, log_m, p) + (1.0 - beta) * _kl_fast(log_q, log_m, q)
-        elif name == "skl":
-            log_m = _log_mixture(log_p, log_q, alpha)
-            values = _kl_fast(log_p, log_m, p)
-        elif name == "srkl":
-            log_m = _log_mixture(log_p, log_q, 1.0 - alpha)
-            values = _kl_fast(log_q, log_m, q)
-        else:  # akl: the gap weights are constants of the gradient
-            extra = _akl_head_weight(log_q, log_p, mu)
-            rkl_values = _kl_fast(log_q, log_p, q)
-            values = extra * _kl_fast(log_p, log_q, p) + (1.0 - extra) * rkl_values
-            extra = torch.stack([extra, rkl_values])
-        ctx.save_for_backward(log_q, log_p, p, q, log_m, values, extra)
-        ctx.name, ctx.dtype, ctx.beta, ctx.alpha = name, student_logits.dtype, beta, alpha
+        probs = {}  # p and q, each computed once and only where a KL needs it
+
+        def kl(log_a, log_b):
+            key = "p" if log_a is log_p else "q"
+            if key not in probs:
+                probs[key] = log_a.exp()
+            return _kl_fast(log_a, log_b, probs[key])
+
+        values, aux = _divergence(name, log_q, log_p, kl, kwargs)
+        ctx.save_for_backward(log_q, log_p, probs.get("p"), probs.get("q"), values, aux.get("log_m"),
+                              aux.get("w_head"), aux.get("rkl"))
+        ctx.aux, ctx.dtype = {k: v for k, v in aux.items() if not isinstance(v, Tensor)}, student_logits.dtype
         return values
 
     @staticmethod
     def backward(ctx, grad_values):
-        log_q, log_p, p, q, log_m, values, extra = ctx.saved_tensors
-        name = ctx.name
+        log_q, log_p, p, q, values, log_m, w_head, rkl_values = ctx.saved_tensors
+        name, beta, alpha = ctx.aux["name"], ctx.aux["beta"], ctx.aux["alpha"]
         # A token with no mass in q (log q = -inf, e.g. an empty tail bucket) has no gradient; its
         # log-ratios are -inf - -inf there, so they are zeroed before they meet q = 0.
         empty = torch.isneginf(log_q) if bool(torch.isneginf(log_q).any()) else None
@@ -357,29 +338,27 @@ class _TokenDivergence(torch.autograd.Function):
         def finite(d):
             return d if empty is None else d.masked_fill_(empty, 0.0)
 
-        if name == "fkl":
+        if name != "fkl" and q is None:  # skl's value needs no q; every gradient but fkl's in-place one does
+            q = log_q.exp()
+        if name == "fkl":  # q in place: the one fresh buffer of the backward pass
             grad = log_q.exp().sub_(p)
         elif name == "rkl":
             grad = finite((log_q - log_p).sub_(values.unsqueeze(-1))).mul_(q)
         elif name == "jsd":
-            grad = _centred(q, finite((log_q - log_m).mul_(1.0 - ctx.beta)))
+            grad = _centred(q, finite((log_q - log_m).mul_(1.0 - beta)))
         elif name == "skl":  # d value / d q_j = -(1 - alpha) p_j / m_j
             r = finite((log_p + log_q).sub_(log_m)).exp_()  # p q / m
             if empty is not None:
                 r.masked_fill_(empty, 0.0)
-            grad = r.sub_(q * r.sum(-1, keepdim=True)).mul_(-(1.0 - ctx.alpha))
+            grad = r.sub_(q * r.sum(-1, keepdim=True)).mul_(-(1.0 - alpha))
         elif name == "srkl":  # d value / d q_j = log(q_j / m_j) + 1 - alpha q_j / m_j (the 1 cancels)
             e = finite(log_q - log_m)
-            grad = _centred(q, e.sub_(e.exp().mul_(ctx.alpha)))
+            grad = _centred(q, e.sub_(e.exp().mul_(alpha)))
         else:
-            w_head, rkl_values = extra[0].unsqueeze(-1), extra[1].unsqueeze(-1)
+            w_head, rkl_values = w_head.unsqueeze(-1), rkl_values.unsqueeze(-1)
             grad = finite((log_q - log_p).sub_(rkl_values)).mul_(q).mul_(1.0 - w_head).add_((q - p).mul_(w_head))
         grad.mul_(grad_values.unsqueeze(-1).to(grad.dtype))
         return grad.to(ctx.dtype), None, None, None
-
-
-_TOKEN_VALUES = {"fkl": _fkl_values, "rkl": _rkl_values, "jsd": _jsd_values, "skl": _skl_values,
-                 "srkl": _srkl_values, "akl": _akl_values}
 
 
 def token_values(name: str, student_logits: Tensor, teacher_logits: Tensor, **kwargs) -> Tensor:
@@ -390,12 +369,12 @@ def token_values(name: str, student_logits: Tensor, teacher_logits: Tensor, **kw
     With the teacher held fixed (no gradient), the student's gradient is computed in closed form
     (:class:`_TokenDivergence`) rather than by autograd through every intermediate; a teacher
     that requires a gradient takes the autograd path, which also differentiates the teacher."""
-    if name not in _TOKEN_VALUES:
-        raise ValueError(f"unknown token-level divergence {name!r}; choose one of {', '.join(_TOKEN_VALUES)}")
+    if name not in TOKEN_OBJECTIVES:
+        raise ValueError(f"unknown token-level divergence {name!r}; choose one of {', '.join(TOKEN_OBJECTIVES)}")
     if not (teacher_logits.requires_grad and torch.is_grad_enabled()):  # the teacher held fixed: closed-form gradient
         return _TokenDivergence.apply(student_logits, teacher_logits, name, kwargs)
     log_q, log_p = _log_probs_pair(student_logits, teacher_logits)
-    return _TOKEN_VALUES[name](log_q, log_p, **kwargs)
+    return _divergence(name, log_q, log_p, _kl_per_token, kwargs)[0]
 
 
 def fkl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor) -> Tensor:
