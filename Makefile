@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # oversubscribing the two cores these machines have.
 export OPENBLAS_NUM_THREADS ?= 1
 
-.PHONY: setup test figures distil bench bench-llm clean
+.PHONY: setup test figures distil table bench bench-llm clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,11 @@ figures: $(STAMP)
 # test table. Overrides go through ARGS, e.g. make distil ARGS="objective=pbkd online.rounds=2".
 distil: $(STAMP)
 	$(PY) llm/train.py $(ARGS)
+
+# The five-seed baseline table of the README (figures/llm_methods.{json,md}), from the teacher's
+# fine-tune to the last run; resumable (run it again to continue), about 2 hours on 2 cores.
+table: $(STAMP)
+	$(PY) -m llm.experiments --methods baselines --teacher-topk 32 max_steps=40 eval.every=20
 
 bench: $(STAMP)
 	$(PY) -m pbkd_ref.bench

@@ -117,7 +117,8 @@ def save_checkpoint(run: Run, state: TrainState, optimizer, scheduler, objective
 
 
 def save_best(run: Run, state: TrainState) -> None:
-    """The best-so-far student by validation Rouge-L: `checkpoints/best` (a link swapped atomically)."""
+    """The best-so-far student by the validation score (eval.select_by): `checkpoints/best`, a link
+    swapped atomically."""
     acc, root = run.accelerator, run.run_dir / "checkpoints"
     name = f"best_step_{state.step:08d}"
     weights = acc.get_state_dict(run.student)
@@ -125,9 +126,9 @@ def save_best(run: Run, state: TrainState) -> None:
         tmp = root / f".tmp_{name}"
         if tmp.exists():
             shutil.rmtree(tmp)
-        save_model_folder(run, tmp, weights, {"step": state.step, "valid_rouge_l": state.best_valid_rouge_l})
-        atomic_write_bytes(tmp / "best.json", json.dumps(
-            {"step": state.step, "valid_rouge_l": state.best_valid_rouge_l}).encode())
+        best = {"step": state.step, "select_by": run.cfg.eval.select_by, "valid_score": state.best_valid}
+        save_model_folder(run, tmp, weights, best)
+        atomic_write_bytes(tmp / "best.json", json.dumps(best).encode())
         os.replace(tmp, root / name)
         _atomic_link(root / "best", name)
         for old in root.glob("best_step_*"):

@@ -72,7 +72,13 @@ class DataConfig:
     hub_test_size: int = _field(500, "examples split off the hub train split for testing (source=hub)")
     num_train: int = _field(0, "use only the first N training examples (0 = all)")
     num_valid: int = _field(0, "use only the first N validation examples (0 = all)")
-    num_test: int = _field(0, "use only the first N test examples (0 = all)")
+    num_test: int = _field(0, "use only the first N examples of each test set (0 = all)")
+    primary_test: str = _field(
+        "unseen_facts",
+        "source=testbed: the test split that ranks methods, named before any method is run (spec section 5): "
+        "unseen_facts (held-out facts: generalisation) or seen_facts (training facts in evaluation-only wordings)",
+        choices=("unseen_facts", "seen_facts"),
+    )
     max_prompt_tokens: int = _field(256, "prompts are capped at this many tokens (spec section 4)")
     max_length: int = _field(512, "prompt + response tokens of a training sequence")
 
@@ -199,8 +205,22 @@ class EvalConfig:
     greedy: bool = _field(False, "greedy decoding instead of sampling at temperature 1")
     max_new_tokens: int = _field(256, "longest evaluated response")
     batch_size: int = _field(8, "prompts per evaluation generation call")
+    select_by: str = _field(
+        "rouge_l", "validation score that selects the best checkpoint (answer_accuracy needs a set that carries "
+        "answers, as the testbed does)", choices=("answer_accuracy", "rouge_l"),
+    )
+    test: bool = _field(True, "evaluate the best checkpoint on the test sets at the end")
     before: bool = _field(True, "evaluate the student before training")
     teacher: bool = _field(True, "evaluate the teacher on the test set (cached per teacher, data and protocol)")
+
+
+@dataclass
+class TeacherSFTConfig:
+    """The teacher fine-tuned on the task's training split first, as the papers do (spec llm.md section 5)."""
+
+    steps: int = _field(0, "sft steps of the teacher on the training split before distilling (0 = the teacher as "
+                           "given); built once under cache_dir/teacher_sft and reused")
+    lr: float = _field(5e-5, "peak learning rate of the teacher's sft (cosine, 10% warmup)")
 
 
 @dataclass
@@ -216,6 +236,7 @@ class TrainConfig:
         "smollm2-135m-instruct",
         "teacher: a hub name, a local folder, or 'smollm2-135m-instruct' (the offline SmolLM2-135M-Instruct)",
     )
+    teacher_sft: TeacherSFTConfig = _section(TeacherSFTConfig, "the teacher's fine-tune on the training split")
     teacher_dtype: str = _field(
         "auto", "teacher weights dtype; auto = bfloat16 on GPU, float32 on CPU",
         choices=("auto", "float32", "bfloat16", "float16"),
@@ -391,6 +412,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError("pbkd.rm_init=pruned needs pbkd.rm_layers=[i, j, ...] (teacher block indices to keep)")
     if cfg.stop_after < 0:
         raise ValueError(f"stop_after must be >= 0, got {cfg.stop_after}")
+    if cfg.teacher_sft.steps < 0 or cfg.teacher_sft.lr <= 0:
+        raise ValueError(f"teacher_sft.steps must be >= 0 and teacher_sft.lr > 0, got {cfg.teacher_sft}")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,15 +51,34 @@ def format_prompt(instruction: str, context: str = "") -> str:
     return ALPACA_TEMPLATE.format(instruction=instruction)
 
 
+def names(text: str, answer: str, *, case_sensitive: bool = False) -> bool:
+    """Whether ``text`` names ``answer`` as a whole word or phrase (not inside a longer word)."""
+    pattern = r"(?<!\w)" + re.escape(answer) + r"(?!\w)"
+    return re.search(pattern, text, 0 if case_sensitive else re.IGNORECASE) is not None
+
+
+@dataclass(frozen=True)
+class Answers:
+    """The short answers of a checkable prompt: the ``accepted`` ones, and the ``distractors`` (the
+    answers of the family's other facts) whose mention makes a response wrong; matched as whole
+    words, case-insensitively unless ``case_sensitive`` (chemical symbols)."""
+
+    accepted: tuple[str, ...]
+    distractors: tuple[str, ...] = ()
+    case_sensitive: bool = False
+
+
 @dataclass
 class Example:
     """One instruction example: the Alpaca ``prompt``, the gold ``response``, every acceptable
-    ``references`` answer (the gold response first) and the task ``category``."""
+    ``references`` answer (the gold response first), the task ``category`` and, for data sets
+    that carry them (the testbed), the :class:`Answers` that answer accuracy checks."""
 
     prompt: str
     response: str
     references: list[str] = field(default_factory=list)
     category: str = ""
+    answers: Answers | None = None
 
     def __post_init__(self) -> None:
         if not self.references:
@@ -113,17 +133,39 @@ def _references_field(record: dict, name: str) -> list[str]:
     return list(value)
 
 
+def _answers_field(record: dict) -> Answers | None:
+    """The optional ``answers`` object: ``accepted`` (non-empty list of strings), ``distractors``
+    (list of strings) and ``case_sensitive`` (bool)."""
+    value = record.get("answers")
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise _RecordError("answers", f"must be an object with accepted/distractors/case_sensitive, got {type(value).__name__}")
+    unknown = sorted(set(value) - {"accepted", "distractors", "case_sensitive"})
+    if unknown:
+        raise _RecordError("answers", f"has unknown keys {unknown}; valid keys: accepted, distractors, case_sensitive")
+    accepted, distractors = value.get("accepted"), value.get("distractors", [])
+    for name, items, non_empty in (("accepted", accepted, True), ("distractors", distractors, False)):
+        if not isinstance(items, list) or (non_empty and not items) or not all(isinstance(a, str) and a.strip() for a in items):
+            raise _RecordError(f"answers.{name}", f"must be a {'non-empty ' if non_empty else ''}list of non-empty strings")
+    case = value.get("case_sensitive", False)
+    if not isinstance(case, bool):
+        raise _RecordError("answers.case_sensitive", f"must be true or false, got {case!r}")
+    return Answers(tuple(accepted), tuple(distractors), case)
+
+
 def _dolly_example(record: dict) -> Example:
     """Dolly schema: ``instruction``, ``context`` (may be empty), ``response``, ``category``.
 
-    An optional ``references`` list (written by :mod:`llm.testbed`) adds acceptable answers.
+    An optional ``references`` list (written by :mod:`llm.testbed`) adds acceptable answers, and
+    an optional ``answers`` object the short answers of answer accuracy.
     """
     instruction = _text_field(record, "instruction", required=True, allow_empty=False)
     context = _text_field(record, "context", required=False, allow_empty=True)
     response = _text_field(record, "response", required=True, allow_empty=False)
     category = _text_field(record, "category", required=False, allow_empty=True)
     extra = [r for r in _references_field(record, "references") if r != response]
-    return Example(format_prompt(instruction, context), response, [response, *extra], category)
+    return Example(format_prompt(instruction, context), response, [response, *extra], category, _answers_field(record))
 
 
 def _minillm_example(record: dict) -> Example:
@@ -140,7 +182,7 @@ def _minillm_example(record: dict) -> Example:
     if RESPONSE_MARKER not in prompt:
         prompt = format_prompt(prompt, _text_field(record, "input", required=False, allow_empty=True))
     category = _text_field(record, "category", required=False, allow_empty=True)
-    return Example(prompt, outputs[0], outputs, category)
+    return Example(prompt, outputs[0], outputs, category, _answers_field(record))
 
 
 _PARSERS = {"dolly": _dolly_example, "minillm": _minillm_example}

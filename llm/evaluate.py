@@ -1,7 +1,9 @@
 """The evaluation protocol users compare against (spec llm.md section 5).
 
-Rouge-L F1 (``rouge_score``, Porter stemmer on, max over references, x100) and exact match
-(SQuAD answer normalisation, max over references, x100) of generated responses.  Generation
+Rouge-L F1 (``rouge_score``, Porter stemmer on, max over references, x100), exact match
+(SQuAD answer normalisation, max over references, x100) and, for data sets whose examples carry
+their short answers (the testbed), answer accuracy (x100: the response names an accepted answer
+and none of the distractors, the answers of the family's other facts) of generated responses.  Generation
 samples at temperature 1, top-k 0, top-p 1 with ``no_repeat_ngram_size = 6`` and up to 256 new
 tokens, once per seed in 10, 20, 30, 40, 50; the scores are reported as mean and standard
 deviation over the seeds.  Greedy decoding is an option (one pass, no seeds).  Generation
@@ -39,7 +41,7 @@ import torch
 from rouge_score import rouge_scorer
 from transformers import GenerationConfig
 
-from llm.data import MAX_PROMPT_TOKENS, Example, encode_generation_batch, load_jsonl
+from llm.data import MAX_PROMPT_TOKENS, Answers, Example, encode_generation_batch, load_jsonl
 from pbkd_ref.cli import ArgumentParser, refusing_bad_input
 
 SEEDS = (10, 20, 30, 40, 50)
@@ -79,6 +81,21 @@ def exact_match(prediction: str, references: Sequence[str]) -> float:
     references = _check_references(references)
     pred = normalize_answer(prediction)
     return 100.0 if any(pred == normalize_answer(ref) for ref in references) else 0.0
+
+
+def answer_accuracy(prediction: str, answers: Answers) -> float:
+    """Answer accuracy x 100 (so 0 or 100): ``prediction`` names an accepted answer and no distractor.
+
+    Candidates (accepted answers and distractors) are matched as whole words; a mention inside a
+    longer candidate's mention is not a mention of its own ("dollar" inside "US dollar" names the US
+    dollar, not the dollar of Canada)."""
+    flags = 0 if answers.case_sensitive else re.IGNORECASE
+    spans = [(m.start(), m.end(), accepted)
+             for candidates, accepted in ((answers.accepted, True), (answers.distractors, False))
+             for c in candidates for m in re.finditer(r"(?<!\w)" + re.escape(c) + r"(?!\w)", prediction, flags)]
+    named = [accepted for start, end, accepted in spans
+             if not any(s <= start and end <= e and (s, e) != (start, end) for s, e, _ in spans)]
+    return 100.0 if any(named) and all(named) else 0.0
 
 
 def generation_config(tokenizer, *, greedy: bool, max_new_tokens: int) -> GenerationConfig:
@@ -135,36 +152,50 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
+METRICS = ("answer_accuracy", "rouge_l", "exact_match")
+"""Every score of a prediction; answer accuracy only for data sets that carry answers."""
+
+
+def has_answers(examples: Sequence[Example]) -> bool:
+    """Whether every example carries its answers (a set where only some do is refused)."""
+    carried = [ex.answers is not None for ex in examples]
+    if any(carried) and not all(carried):
+        missing = carried.index(False) + 1
+        raise ValueError(f"{sum(carried)} of {len(carried)} examples carry answers (example {missing} does not); "
+                         "answer accuracy needs all or none")
+    return bool(carried) and all(carried)
+
+
 def score_predictions(predictions: Sequence[str], examples: Sequence[Example]) -> dict:
-    """Mean Rouge-L and exact match of one set of predictions, overall and per category."""
+    """Mean Rouge-L, exact match and (when the examples carry answers) answer accuracy of one set
+    of predictions, overall and per category."""
     if len(predictions) != len(examples):
         raise ValueError(f"{len(predictions)} predictions for {len(examples)} examples")
-    per_cat = defaultdict(lambda: [0.0, 0.0, 0])
-    total_r = total_em = 0.0
+    metrics = METRICS if has_answers(examples) else METRICS[1:]
+    per_cat = defaultdict(lambda: defaultdict(float))
     for pred, ex in zip(predictions, examples):
-        r, em = rouge_l(pred, ex.references), exact_match(pred, ex.references)
-        total_r += r
-        total_em += em
-        acc = per_cat[ex.category]
-        acc[0] += r
-        acc[1] += em
-        acc[2] += 1
-    n = len(examples)
-    return {
-        "rouge_l": total_r / n,
-        "exact_match": total_em / n,
-        "by_category": {c: {"rouge_l": a[0] / a[2], "exact_match": a[1] / a[2], "n": a[2]}
-                        for c, a in sorted(per_cat.items())},
-    }
+        scores = {"rouge_l": rouge_l(pred, ex.references), "exact_match": exact_match(pred, ex.references)}
+        if ex.answers is not None:
+            scores["answer_accuracy"] = answer_accuracy(pred, ex.answers)
+        for key in ("", ex.category):
+            for m in metrics:
+                per_cat[key][m] += scores[m]
+            per_cat[key]["n"] += 1
+    total = per_cat.pop("")
+    out = {m: total[m] / total["n"] for m in metrics}
+    out["by_category"] = {c: {**{m: a[m] / a["n"] for m in metrics}, "n": int(a["n"])} for c, a in sorted(per_cat.items())}
+    return out
 
 
 def evaluate_model(model, tokenizer, examples: Sequence[Example], *, seeds: Sequence[int] = SEEDS,
                    greedy: bool = False, max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = 8,
                    max_prompt_tokens: int = MAX_PROMPT_TOKENS, chat_template: bool | None = None,
                    keep_predictions: bool = False) -> dict:
-    """Spec section 5 on one test set: Rouge-L and EM, mean and sample std over ``seeds``.
+    """Spec section 5 on one test set: Rouge-L, EM and (when the set carries answers) answer
+    accuracy, mean and sample std over ``seeds``.
 
-    Returns ``rouge_l``, ``rouge_l_std``, ``exact_match``, ``exact_match_std``, ``per_seed``
+    Returns ``rouge_l``, ``rouge_l_std``, ``exact_match``, ``exact_match_std`` (and
+    ``answer_accuracy``, ``answer_accuracy_std``), ``seconds`` (the generation and scoring time), ``per_seed``
     (one entry per seed; a single entry with seed None for greedy decoding), ``by_category``
     (means over seeds), ``num_examples`` and the decoding settings; with ``keep_predictions``
     also the generated responses of every seed.
@@ -183,17 +214,14 @@ def evaluate_model(model, tokenizer, examples: Sequence[Example], *, seeds: Sequ
                          batch_size=batch_size, max_prompt_tokens=max_prompt_tokens, chat_template=chat_template)
         per_seed.append({"seed": seed, **score_predictions(preds, examples)})
         predictions[str(seed)] = preds
-    r_mean, r_std = _mean_std([s["rouge_l"] for s in per_seed])
-    em_mean, em_std = _mean_std([s["exact_match"] for s in per_seed])
-    by_category = {}
-    for cat in per_seed[0]["by_category"]:
-        by_category[cat] = {
-            "rouge_l": sum(s["by_category"][cat]["rouge_l"] for s in per_seed) / len(per_seed),
-            "exact_match": sum(s["by_category"][cat]["exact_match"] for s in per_seed) / len(per_seed),
-            "n": per_seed[0]["by_category"][cat]["n"],
-        }
-    result = {
-        "rouge_l": r_mean, "rouge_l_std": r_std, "exact_match": em_mean, "exact_match_std": em_std,
+    metrics = [m for m in METRICS if m in per_seed[0]]
+    result = {}
+    for m in metrics:
+        result[m], result[f"{m}_std"] = _mean_std([s[m] for s in per_seed])
+    by_category = {cat: {**{m: sum(s["by_category"][cat][m] for s in per_seed) / len(per_seed) for m in metrics},
+                         "n": first["n"]}
+                   for cat, first in per_seed[0]["by_category"].items()}
+    result |= {
         "num_examples": len(examples), "greedy": greedy, "seeds": [s for s in seeds if s is not None],
         "max_new_tokens": max_new_tokens, "seconds": round(time.perf_counter() - start, 2),
         "per_seed": [{k: v for k, v in s.items() if k != "by_category"} for s in per_seed],
@@ -205,23 +233,29 @@ def evaluate_model(model, tokenizer, examples: Sequence[Example], *, seeds: Sequ
 
 
 def _cell(metrics: dict | None, key: str) -> str:
-    if metrics is None:
+    if metrics is None or key not in metrics:
         return "-"
     mean, std = metrics[key], metrics.get(f"{key}_std", 0.0)
     return f"{mean:.1f} ± {std:.1f}" if len(metrics.get("seeds") or []) > 1 else f"{mean:.1f}"  # no std of one seed
 
 
+_COLUMN = {"answer_accuracy": "Acc", "rouge_l": "Rouge-L", "exact_match": "EM"}
+
+
 def results_table(results: dict[str, dict[str, dict]]) -> str:
-    """Markdown table, one row per method, one Rouge-L and one EM column per test set (section 5)."""
+    """Markdown table, one row per method; per test set an answer-accuracy column (when the set
+    carries answers), a Rouge-L and an EM column (section 5)."""
     if not results:
         raise ValueError("results_table needs at least one method")
     testsets: list[str] = []
     for per_set in results.values():
         testsets += [t for t in per_set if t not in testsets]
-    header = ["method"] + [f"{t} {m}" for t in testsets for m in ("Rouge-L", "EM")]
+    columns = [(t, m) for t in testsets for m in METRICS
+               if any(m in (per_set.get(t) or {}) for per_set in results.values())]
+    header = ["method"] + [f"{t} {_COLUMN[m]}" for t, m in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     for method, per_set in results.items():
-        cells = [method] + [_cell(per_set.get(t), k) for t in testsets for k in ("rouge_l", "exact_match")]
+        cells = [method] + [_cell(per_set.get(t), m) for t, m in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -3,17 +3,20 @@
 Two experiments, each a sequence of ordinary `llm/train.py` runs on one student, teacher, data
 set and step budget:
 
-* the comparison table: every method of ``--methods`` for every training seed of ``--seeds``,
-  scored on the test set by the section 5 protocol and written to ``figures/llm_methods.json``
-  and ``.md`` (mean and std over the training seeds of each method);
+* the comparison table: every method of ``--methods`` (``baselines``: the nine of
+  :data:`BASELINES`) for every training seed of ``--seeds``, scored on every test set by the
+  section 5 protocol and written to ``figures/llm_methods.json`` and ``.md``: the student before
+  training, the warm start, each method's mean and std over the training seeds and its paired
+  difference from the warm start with a 95% interval, and the teacher as given and fine-tuned
+  (``teacher_sft``), with the wall time of every stage;
 * the round-by-round figure (the analogue of the paper's Figure 3): online ``pbkd`` with
-  ``--rounds`` rounds for each reward-model size of ``--rm-sizes``; the validation Rouge-L of
-  the student after 0, 1, ..., T rounds, written to ``figures/llm_rounds.png`` and ``.json``.
+  ``--rounds`` rounds for each reward-model size of ``--rm-sizes``; the validation score
+  (``eval.select_by``) of the student after 0, 1, ..., T rounds, written to ``figures/llm_rounds.png`` and ``.json``.
 
 The starting student. As in MiniLLM and DistiLLM, every method starts from one student that was
 first fine-tuned on the gold responses: a warm-start ``sft`` run of ``--warm-start-steps`` steps
 (``warm-start`` in ``--out-dir``, trained once and shared by every method and seed; its own
-test score is the table's first row). The pruned testbed student writes near-empty text before
+test scores are the table's second row, after the student before training). The pruned testbed student writes near-empty text before
 training (Rouge-L 0.1), which a policy gradient on a learned reward cannot get off the ground
 from; ``--warm-start-steps 0`` starts every method from the config's student instead.
 
@@ -23,8 +26,7 @@ run that was stopped after a checkpoint, and trains only what is missing; the ta
 rewritten after every run, so a table cut short still holds every finished run. Each record
 keeps the run's wall time, so the budget of a larger table can be read off a smaller one.
 
-    python -m llm.experiments --methods sft seqkd fkl rkl jsd akl dpkd pbkd_offline pbkd_online mm_pbkd \\
-        --seeds 10 20 30 40 50 max_steps=100 eval.before=false      # the full table (hours on a CPU)
+    python -m llm.experiments --methods baselines --teacher-topk 32 max_steps=40 eval.every=20   # make table
     python -m llm.experiments --rounds-figure --seeds 10 --rm-sizes 1x32 4x256 --rounds 4 --warm-start-steps 0 \\
         student_init=pretrained student=runs/experiments/warm-start/checkpoints/best optim.lr=1e-5 max_steps=60
 
@@ -33,6 +35,7 @@ keeps the run's wall time, so the budget of a larger table can be read off a sma
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -41,9 +44,11 @@ import sys
 import time
 from pathlib import Path
 
-from llm.config import DEFAULT_CONFIG, load_config, to_dict
-from llm.evaluate import results_table
-from llm.train import test_set_name, train
+from scipy import stats
+
+from llm.config import DEFAULT_CONFIG, TeacherSFTConfig, load_config, to_dict
+from llm.evaluate import METRICS
+from llm.train import evaluate_teacher, teacher_sft_record, train
 from pbkd_ref.cli import ArgumentParser, refusing_bad_input
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,6 +61,8 @@ METHODS = {
     "fkl": ["objective=fkl"],
     "rkl": ["objective=rkl"],
     "jsd": ["objective=jsd"],
+    "skl": ["objective=skl"],
+    "srkl": ["objective=srkl"],
     "akl": ["objective=akl"],
     "dpkd": ["objective=dpkd"],
     "pbkd_offline": ["objective=pbkd", "online.rounds=1"],
@@ -64,11 +71,27 @@ METHODS = {
 }
 """Method name -> its config overrides (every other value is shared by all methods)."""
 
+BASELINES = ("sft", "seqkd", "fkl", "rkl", "jsd", "skl", "srkl", "akl", "dpkd")
+"""The rows of the baseline table (issue: the five-seed baseline table)."""
+
+DIVERGENCES = ("fkl", "rkl", "jsd", "skl", "srkl", "akl")
+"""The methods that `--teacher-topk` applies to (the token-level divergences of llm.losses)."""
+
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
     mean = sum(values) / len(values)
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
     return mean, std
+
+
+def paired_difference(values: list[float], baseline: list[float]) -> dict:
+    """Mean of ``values[i] - baseline[i]`` with its two-sided 95% Student-t interval over the pairs
+    (no interval for a single pair)."""
+    diffs = [v - b for v, b in zip(values, baseline, strict=True)]
+    mean, std = _mean_std(diffs)
+    n = len(diffs)
+    half = float(stats.t.ppf(0.975, n - 1)) * std / math.sqrt(n) if n > 1 else math.nan
+    return {"mean": mean, "ci95": [mean - half, mean + half], "n": n}
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -99,10 +122,10 @@ def run_one(config: str, overrides: list[str], run_name: str, out_dir: str) -> d
 
     A finished run (its folder holds `experiment.json`) whose config equals this one (overrides
     that spell the same config match) is reused; an unfinished one with a checkpoint is resumed;
-    otherwise the run starts (in a fresh folder). Returns the record: the overrides, the test set,
-    the final results table, the training state, the run folder's name and the wall time of the
-    invocation that finished it. A finished run with another config is refused (another
-    --out-dir, or remove its folder)."""
+    otherwise the run starts (in a fresh folder). Returns the record: the overrides, the test sets
+    (the primary one first), the final results table, the training state, the run folder's name and
+    the wall time of the invocation that finished it. A finished run with another config is refused
+    (another --out-dir, or remove its folder)."""
     cfg = load_config(config, [*overrides, f"run_name={run_name}", f"out_dir={out_dir}"])
     mine, folders = _settings(to_dict(cfg)), _folders(out_dir, run_name)
     for folder in folders:
@@ -123,7 +146,8 @@ def run_one(config: str, overrides: list[str], run_name: str, out_dir: str) -> d
     if result["results"] is None:
         raise RuntimeError(f"{run_name} stopped before max_steps ({result['state']['step']}/{cfg.max_steps})")
     run_dir = Path(result["run_dir"])
-    record = {"overrides": overrides, "test_set": test_set_name(cfg), "results": result["results"],
+    results = result["results"]
+    record = {"overrides": overrides, "test_sets": list(next(iter(results.values()))), "results": results,
               "state": result["state"], "run_dir": run_dir.name, "seconds": round(seconds, 1),
               "resumed": bool(resumable)}
     _write_atomic(run_dir / RECORD, json.dumps(record, indent=2) + "\n")
@@ -131,9 +155,8 @@ def run_one(config: str, overrides: list[str], run_name: str, out_dir: str) -> d
 
 
 def student_after(record: dict) -> dict:
-    """The test metrics of the trained student (best validation checkpoint) of a run record."""
-    rows = record["results"]
-    return next(v for k, v in rows.items() if k.startswith("student (after"))[record["test_set"]]
+    """{test set: metrics} of the trained student (best validation checkpoint) of a run record."""
+    return next(v for k, v in record["results"].items() if k.startswith("student (after"))
 
 
 def warm_start(steps: int, config: str, overrides: list[str], out_dir: str) -> tuple[list[str], dict | None]:
@@ -142,61 +165,140 @@ def warm_start(steps: int, config: str, overrides: list[str], out_dir: str) -> t
     ``steps == 0``: no warm start, every run starts from the config's student."""
     if steps == 0:
         return [], None
-    record = run_one(config, [*overrides, "objective=sft", f"max_steps={steps}", "seed=0"], "warm-start", out_dir)
+    record = run_one(config, [*overrides, "objective=sft", f"max_steps={steps}", "seed=0", "eval.before=true"],
+                     "warm-start", out_dir)
     best = (Path(out_dir) / record["run_dir"] / "checkpoints" / "best").resolve()
-    return ["student_init=pretrained", f"student={best}"], record
+    return ["student_init=pretrained", f"student={best}", "eval.before=false"], record
+
+
+def _scores(per_set: dict) -> dict:
+    """The three scores of every test set of one evaluation: {set: {metric: value}}."""
+    return {name: {m: metrics[m] for m in METRICS if m in metrics} for name, metrics in per_set.items()}
+
+
+def teachers(config: str, overrides: list[str]) -> dict:
+    """{row name: row} of the config's teacher and, when it is fine-tuned first (teacher_sft), of the
+    same teacher as given: the scores, the evaluation's wall seconds and the fine-tune's record."""
+    cfg = load_config(config, overrides)
+    settings = {f"teacher ({cfg.teacher}, as given)": dataclasses.replace(cfg, teacher_sft=TeacherSFTConfig())}
+    if cfg.teacher_sft.steps:
+        settings[f"teacher (fine-tuned, {cfg.teacher_sft.steps} sft steps)"] = cfg
+    rows = {}
+    for name, teacher_cfg in settings.items():
+        metrics = evaluate_teacher(teacher_cfg)
+        rows[name] = {"scores": _scores(metrics), "eval_seconds": round(sum(m["seconds"] for m in metrics.values()), 1),
+                      "teacher_sft": teacher_sft_record(teacher_cfg),
+                      "default": teacher_cfg.teacher_sft == cfg.teacher_sft}
+    return rows
 
 
 def comparison_table(methods: list[str], seeds: list[int], config: str, overrides: list[str], out_dir: str,
-                     warm_start_steps: int = 100, figures: Path = FIGURES) -> dict:
-    """Train every method for every seed from the warm start; write figures/llm_methods.{json,md}."""
+                     warm_start_steps: int = 100, figures: Path = FIGURES, teacher_topk: int = 0) -> dict:
+    """Train every method for every seed from the warm start; write figures/llm_methods.{json,md}.
+
+    ``teacher_topk`` > 0 runs the token-level divergences on the teacher top-k cache (kd.teacher_topk)."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; valid methods: {list(METHODS)}")
     if not seeds:
         raise ValueError("--seeds needs at least one training seed")
+    started = time.perf_counter()
+    teacher_rows = teachers(config, overrides)
     start, warm = warm_start(warm_start_steps, config, overrides, out_dir)
-    runs: dict[str, list[dict]] = {}
+    runs: dict[str, list[dict]] = {method: [] for method in methods}
     total, done = len(methods) * len(seeds), 0
-    for method in methods:
-        runs[method] = []
-        for seed in seeds:
+    for seed in seeds:  # seed by seed: a table cut short holds every method
+        for method in methods:
+            topk = [f"kd.teacher_topk={teacher_topk}"] if teacher_topk and method in DIVERGENCES else []
             done += 1
             print(f"[experiments] run {done}/{total}: {method} seed {seed}", flush=True)
-            record = run_one(config, [*METHODS[method], f"seed={seed}", *overrides, *start], f"{method}-seed{seed}",
-                             out_dir)
-            after = student_after(record)
-            runs[method].append({"seed": seed, "rouge_l": after["rouge_l"], "exact_match": after["exact_match"],
-                                 "seconds": record["seconds"], "best_step": record["state"]["best_step"],
-                                 "run_dir": record["run_dir"], "teacher": record["results"].get("teacher")})
-            payload = _table_payload(methods, runs, warm, seeds, config, overrides, warm_start_steps,
-                                     record["test_set"])
+            record = run_one(config, [*METHODS[method], *topk, f"seed={seed}", *overrides, *start],
+                             f"{method}-seed{seed}", out_dir)
+            runs[method].append({"seed": seed, "scores": _scores(student_after(record)), "seconds": record["seconds"],
+                                 "best_step": record["state"]["best_step"], "run_dir": record["run_dir"],
+                                 "overrides": record["overrides"],
+                                 "eval_seconds": {k: v["seconds"] for k, v in student_after(record).items()}})
+            payload = _table_payload(methods, runs, warm, teacher_rows, seeds, config, overrides, warm_start_steps,
+                                     teacher_topk, time.perf_counter() - started)
             figures.mkdir(parents=True, exist_ok=True)
             _write_atomic(figures / "llm_methods.json", json.dumps(payload, indent=2) + "\n")
-            _write_atomic(figures / "llm_methods.md", results_table(payload["table"]))
-    print(results_table(payload["table"]), flush=True)
+            _write_atomic(figures / "llm_methods.md", methods_markdown(payload))
+    print(methods_markdown(payload), flush=True)
     return payload
 
 
-def _table_payload(methods, runs, warm, seeds, config, overrides, warm_start_steps, test_set) -> dict:
-    """The table of the runs finished so far: one row per method (mean ± std over its finished seeds)."""
-    table = {}
+def _table_payload(methods, runs, warm, teacher_rows, seeds, config, overrides, warm_start_steps, teacher_topk,
+                   seconds) -> dict:
+    """The table of the runs finished so far: the student before training, the warm start, one row
+    per method (mean ± std over its finished seeds, and the paired difference from the warm start with
+    its 95% interval), the teachers."""
+    rows = {}
+    warm_scores = None
     if warm is not None:
-        table[f"start (sft warm start, {warm_start_steps} steps)"] = {test_set: student_after(warm)}
+        before = next((v for k, v in warm["results"].items() if k == "student (before)"), None)
+        if before is not None:
+            rows["student before training"] = {"scores": _scores(before)}
+        warm_scores = _scores(student_after(warm))
+        rows[f"warm start (sft, {warm_start_steps} steps)"] = {"scores": warm_scores}
     for method, per_seed in runs.items():
         if not per_seed:
             continue
-        r_mean, r_std = _mean_std([s["rouge_l"] for s in per_seed])
-        em_mean, em_std = _mean_std([s["exact_match"] for s in per_seed])
-        table[method] = {test_set: {"rouge_l": r_mean, "rouge_l_std": r_std, "exact_match": em_mean,
-                                    "exact_match_std": em_std, "seeds": [s["seed"] for s in per_seed]}}
-    teacher = next((s["teacher"] for per_seed in runs.values() for s in per_seed if s["teacher"]), None)
-    if teacher is not None:
-        table["teacher"] = teacher
-    return {"config": _shown(config), "command_overrides": overrides, "seeds": seeds,
-            "warm_start_steps": warm_start_steps, "std_over": "training seeds", "table": table,
-            "runs": {m: [{k: v for k, v in s.items() if k != "teacher"} for s in per_seed] for m, per_seed in runs.items()},
-            "complete": all(len(runs.get(m, [])) == len(seeds) for m in methods)}
+        summary, diff = {}, {}
+        for name in per_seed[0]["scores"]:
+            summary[name], diff[name] = {}, {}
+            for m in per_seed[0]["scores"][name]:
+                values = [s["scores"][name][m] for s in per_seed]
+                summary[name][m], summary[name][f"{m}_std"] = _mean_std(values)
+                if warm_scores is not None:
+                    diff[name][m] = paired_difference(values, [warm_scores[name][m]] * len(values))
+        rows[method] = {"scores": summary, "seeds": [s["seed"] for s in per_seed],
+                        **({"minus_warm_start": diff} if warm_scores is not None else {})}
+    for name, row in teacher_rows.items():
+        rows[name] = row
+    cfg = load_config(config, overrides)
+    timing = {"teacher_eval": {k: v["eval_seconds"] for k, v in teacher_rows.items()},
+              "teacher_sft": {k: v["teacher_sft"]["seconds"] for k, v in teacher_rows.items() if v["teacher_sft"]},
+              "warm_start": warm["seconds"] if warm is not None else 0.0,
+              "runs": round(sum(s["seconds"] for per_seed in runs.values() for s in per_seed), 1),
+              "this_invocation": round(seconds, 1)}
+    return {"config": _shown(config), "command_overrides": overrides, "seeds": seeds, "methods": methods,
+            "warm_start_steps": warm_start_steps, "teacher_topk": teacher_topk,
+            "primary_test": next(iter(next(iter(rows.values()))["scores"])),  # every run lists it first
+            "select_by": cfg.eval.select_by, "std_over": "training seeds", "ci": "two-sided 95% Student-t over seeds",
+            "rows": rows, "timing_seconds": timing,
+            "runs": runs, "complete": all(len(runs.get(m, [])) == len(seeds) for m in methods)}
+
+
+_NAMES = {"answer_accuracy": "Acc", "rouge_l": "Rouge-L", "exact_match": "EM"}
+
+
+def methods_markdown(payload: dict) -> str:
+    """The table as Markdown: mean ± std over seeds per test set, then each method's paired
+    difference from the warm start with its 95% interval."""
+    rows = payload["rows"]
+    sets = list(next(iter(rows.values()))["scores"])
+    metrics = [m for m in METRICS if m in next(iter(rows.values()))["scores"][sets[0]]]
+    header = ["row"] + [f"{t} {_NAMES[m]}" for t in sets for m in metrics]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    for name, row in rows.items():
+        cells = []
+        for t in sets:
+            for m in metrics:
+                value, std = row["scores"][t][m], row["scores"][t].get(f"{m}_std")
+                cells.append(f"{value:.1f} ± {std:.1f}" if std is not None and len(row.get("seeds", [])) > 1
+                             else f"{value:.1f}")
+        lines.append("| " + " | ".join([name, *cells]) + " |")
+    out = "\n".join(lines) + "\n"
+    diffs = {name: row["minus_warm_start"] for name, row in rows.items() if "minus_warm_start" in row}
+    if diffs:
+        header = ["method minus warm start"] + [f"{t} {_NAMES[m]}" for t in sets for m in metrics]
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+        for name, diff in diffs.items():
+            cells = [f"{d['mean']:+.1f} [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]" if d["n"] > 1 else f"{d['mean']:+.1f}"
+                     for t in sets for d in (diff[t][m] for m in metrics)]
+            lines.append("| " + " | ".join([name, *cells]) + " |")
+        out += "\n" + "\n".join(lines) + "\n"
+    return out
 
 
 def parse_size(text: str) -> dict:
@@ -211,9 +313,10 @@ def parse_size(text: str) -> dict:
 
 def rounds_figure(sizes: list[str], rounds: int, seed: int, config: str, overrides: list[str], out_dir: str,
                   warm_start_steps: int = 100, figures: Path = FIGURES) -> dict:
-    """Online pbkd from the warm start for each reward-model size: validation Rouge-L after 0..T rounds
+    """Online pbkd from the warm start for each reward-model size: the validation score (eval.select_by) after 0..T rounds
     -> figures/llm_rounds.{png,json}."""
     start, _ = warm_start(warm_start_steps, config, overrides, out_dir)
+    metric = load_config(config, overrides).eval.select_by  # the validation score the rounds log and select by
     curves = {}
     for size in sizes:
         rm = parse_size(size)
@@ -222,12 +325,13 @@ def rounds_figure(sizes: list[str], rounds: int, seed: int, config: str, overrid
                                   f"pbkd.rm_config={rm_text}", *overrides, *start], f"rounds-rm{size}-seed{seed}", out_dir)
         run_dir = Path(out_dir) / record["run_dir"]
         lines = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines() if x.strip()]
-        scores = [line["valid_rouge_l"] for line in lines] + [record["state"]["valid_history"][-1][1]]
-        curves[size] = {"rounds_completed": list(range(len(scores))), "valid_rouge_l": scores,
-                        "test_rouge_l": student_after(record)["rouge_l"], "rounds": lines, "seconds": record["seconds"]}
-        print(f"[experiments] rm {size}: valid Rouge-L by round {[round(s, 2) for s in scores]}", flush=True)
+        scores = [line[f"valid_{metric}"] for line in lines] + [record["state"]["valid_history"][-1][1]]
+        curves[size] = {"rounds_completed": list(range(len(scores))), "valid_score": scores,
+                        "test_score": next(iter(student_after(record).values()))[metric], "rounds": lines,
+                        "seconds": record["seconds"]}
+        print(f"[experiments] rm {size}: valid {metric} by round {[round(s, 2) for s in scores]}", flush=True)
     figures.mkdir(parents=True, exist_ok=True)
-    payload = {"rounds": rounds, "seed": seed, "config": _shown(config), "command_overrides": overrides,
+    payload = {"rounds": rounds, "seed": seed, "config": _shown(config), "command_overrides": overrides, "metric": metric,
                "warm_start_steps": warm_start_steps, "curves": curves}
     _write_atomic(figures / "llm_rounds.json", json.dumps(payload, indent=2) + "\n")
     import matplotlib
@@ -237,9 +341,9 @@ def rounds_figure(sizes: list[str], rounds: int, seed: int, config: str, overrid
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for size, c in curves.items():
-        ax.plot(c["rounds_completed"], c["valid_rouge_l"], marker="o", label=f"reward model {size}")
+        ax.plot(c["rounds_completed"], c["valid_score"], marker="o", label=f"reward model {size}")
     ax.set_xlabel("online rounds completed")
-    ax.set_ylabel("student validation Rouge-L")
+    ax.set_ylabel(f"student validation {metric}")
     ax.set_title("Online PbKD: student score by round")
     ax.set_xticks(range(rounds + 1))
     ax.legend()
@@ -254,7 +358,10 @@ def main(argv: list[str] | None = None) -> dict:
                             description="LLM testbed experiments: the method table and the rounds figure.",
                             epilog="key=value arguments, anywhere on the line, override the config of every run")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="base YAML config (default: the CPU testbed)")
-    parser.add_argument("--methods", nargs="*", default=[], help=f"methods of the table: {list(METHODS)}")
+    parser.add_argument("--methods", nargs="*", default=[],
+                        help=f"methods of the table: {list(METHODS)}, or 'baselines' for {list(BASELINES)}")
+    parser.add_argument("--teacher-topk", type=int, default=0,
+                        help=f"run {', '.join(DIVERGENCES)} on the teacher top-k cache with this k (kd.teacher_topk)")
     parser.add_argument("--seeds", nargs="*", type=int, default=[10, 20, 30, 40, 50], help="training seeds")
     parser.add_argument("--warm-start-steps", type=int, default=100,
                         help="sft steps of the shared starting student (0 = start from the config's student)")
@@ -267,6 +374,9 @@ def main(argv: list[str] | None = None) -> dict:
     overrides = [a for a in argv if "=" in a and not a.startswith("-")]  # key=value, anywhere on the line
     args = parser.parse_args([a for a in argv if a not in overrides])
     args.overrides = overrides
+    args.methods = [m for name in args.methods for m in (BASELINES if name == "baselines" else [name])]
+    if args.teacher_topk < 0:
+        parser.error(f"--teacher-topk must be >= 0, got {args.teacher_topk}")
     if not args.methods and not args.rounds_figure:
         parser.error("give --methods and/or --rounds-figure")
     if args.warm_start_steps < 0:
@@ -278,11 +388,12 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--seeds needs at least one training seed")
     with refusing_bad_input():  # every run's config is checked before the first run trains
         for method in args.methods or ["sft"]:
-            load_config(args.config, [*METHODS[method], *args.overrides])
+            topk = [f"kd.teacher_topk={args.teacher_topk}"] if args.teacher_topk and method in DIVERGENCES else []
+            load_config(args.config, [*METHODS[method], *topk, *args.overrides])
     out = {}
     if args.methods:
         out["table"] = comparison_table(args.methods, args.seeds, args.config, args.overrides, args.out_dir,
-                                        args.warm_start_steps, Path(args.figures_dir))
+                                        args.warm_start_steps, Path(args.figures_dir), args.teacher_topk)
     if args.rounds_figure:
         out["rounds"] = rounds_figure(args.rm_sizes, args.rounds, args.seeds[0], args.config, args.overrides,
                                       args.out_dir, args.warm_start_steps, Path(args.figures_dir))

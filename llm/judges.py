@@ -18,8 +18,8 @@ ready for :meth:`llm.preference_store.PreferenceStore.append`.
 
 Judges (registry :data:`JUDGES`, built by :func:`make_judge`):
 
-- ``bt_oracle``: a known reward function ``r(x, y)``; ``label ~ Bernoulli(sigma(r(x, y_1) -
-  r(x, y_0)))``, the Bradley-Terry model of spec tabular.md section 2, sampled with a generator
+- ``bt_oracle``: a known reward function ``r(x, y)`` (by default answer accuracy, on data that
+  carries answers; or Rouge-L); ``label ~ Bernoulli(sigma(r(x, y_1) - r(x, y_0)))``, the Bradley-Terry model of spec tabular.md section 2, sampled with a generator
   seeded by ``(seed, round, index)`` so a label does not depend on batching or on a restart.
 - ``rouge``: prefers the response with the higher Rouge-L against the references, scored by
   the project's one Rouge-L scorer :func:`llm.evaluate.rouge_l`.
@@ -59,7 +59,8 @@ import torch
 
 from llm.config import JUDGE_NAMES
 from llm.data import ALPACA_HEADER, RESPONSE_MARKER
-from llm.evaluate import rouge_l
+from llm.data import Answers
+from llm.evaluate import answer_accuracy, rouge_l
 from llm.preference_store import PreferenceRecord
 
 __all__ = [
@@ -77,6 +78,7 @@ __all__ = [
     "pairwise_question",
     "parse_verdict",
     "combine_orders",
+    "answer_accuracy_reward",
     "rouge_reward",
 ]
 
@@ -114,6 +116,7 @@ class PreferenceQuery:
     model_0: str = "teacher"
     model_1: str = "student"
     references: tuple[str, ...] = ()
+    answers: Answers | None = None  # the prompt's short answers, when its data set carries them
 
     def __post_init__(self) -> None:
         for name in ("prompt", "response_0", "response_1", "model_0", "model_1"):
@@ -294,36 +297,56 @@ class Judge(ABC):
 # --------------------------------------------------------------------------------------------
 
 
-def rouge_reward(scale: float = 10.0) -> Callable[[str, str, Sequence[str]], float]:
-    """The testbed's known reward ``r(x, y) = scale * RougeL(y, references) / 100``."""
+def _check_scale(scale: float) -> float:
     scale = float(scale)
     if not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be a finite number > 0, got {scale}")
+    return scale
 
-    def reward(prompt: str, response: str, references: Sequence[str]) -> float:
-        if not references:
-            raise ValueError("the rouge_l reward needs reference answers: set PreferenceQuery.references")
-        return scale * rouge_l(response, references) / 100.0
+
+def answer_accuracy_reward(scale: float = 10.0) -> Callable[[PreferenceQuery, str], float]:
+    """The testbed's known reward ``r(x, y) = scale * AnswerAccuracy(y) / 100``: ``scale`` when the
+    response names the prompt's answer and no distractor, else 0 (:func:`llm.evaluate.answer_accuracy`)."""
+    scale = _check_scale(scale)
+
+    def reward(query: PreferenceQuery, response: str) -> float:
+        if query.answers is None:
+            raise ValueError("the answer_accuracy reward needs the prompt's answers (data that carries an 'answers' "
+                             "field, as the testbed does); set judge_options.reward=rouge_l for other data")
+        return scale * answer_accuracy(response, query.answers) / 100.0
 
     return reward
 
 
-REWARDS = {"rouge_l": rouge_reward}
+def rouge_reward(scale: float = 10.0) -> Callable[[PreferenceQuery, str], float]:
+    """The known reward ``r(x, y) = scale * RougeL(y, references) / 100``."""
+    scale = _check_scale(scale)
+
+    def reward(query: PreferenceQuery, response: str) -> float:
+        if not query.references:
+            raise ValueError("the rouge_l reward needs reference answers: set PreferenceQuery.references")
+        return scale * rouge_l(response, query.references) / 100.0
+
+    return reward
+
+
+REWARDS = {"answer_accuracy": answer_accuracy_reward, "rouge_l": rouge_reward}
 
 
 class BTOracleJudge(Judge):
     """Labels sampled from Bradley-Terry under a known reward (spec llm.md section 3, tabular.md s2).
 
     ``P(label = 1) = sigma(r(x, y_1) - r(x, y_0))``.  ``reward`` is a callable
-    ``r(prompt, response, references) -> float`` or the name ``"rouge_l"`` (``reward_scale *``
-    Rouge-L / 100).  The uniform draw of query ``(round, index)`` comes from
+    ``r(query, response) -> float`` or a name: ``"answer_accuracy"`` (the default: ``reward_scale``
+    when the response names the answer and no distractor, else 0) or ``"rouge_l"``
+    (``reward_scale *`` Rouge-L / 100).  The uniform draw of query ``(round, index)`` comes from
     ``numpy.random.default_rng([seed, round, index])``: the same pair gets the same label in any
     batch and after any restart.  Never fails; a non-finite reward is a ValueError.
     """
 
     name = "bt_oracle"
 
-    def __init__(self, reward: str | Callable = "rouge_l", *, reward_scale: float = 10.0, seed: int = 0,
+    def __init__(self, reward: str | Callable = "answer_accuracy", *, reward_scale: float = 10.0, seed: int = 0,
                  ties: str = "drop", max_retries: int = 0):
         super().__init__(ties=ties, max_retries=max_retries)
         if isinstance(reward, str):
@@ -342,7 +365,7 @@ class BTOracleJudge(Judge):
         return {**super().describe(), "reward": self.reward_name, "seed": self.seed}
 
     def _reward(self, q: PreferenceQuery, response: str) -> float:
-        value = float(self.reward_fn(q.prompt, response, q.references))
+        value = float(self.reward_fn(q, response))
         if not math.isfinite(value):
             raise ValueError(f"the bt_oracle reward {self.reward_name} returned {value} for pair {(q.round, q.index)}")
         return value

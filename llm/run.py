@@ -22,7 +22,7 @@ import torch
 
 from llm.config import TrainConfig
 from llm.data import Example, collate_rows, encode_sft_batch, prompt_token_ids
-from llm.evaluate import evaluate_model
+from llm.evaluate import METRICS, evaluate_model
 
 
 @dataclass
@@ -31,9 +31,9 @@ class TrainState:
 
     step: int = 0  # optimiser steps done
     examples_seen: int = 0  # training sequences consumed, summed over processes
-    best_valid_rouge_l: float = -math.inf
+    best_valid: float = -math.inf  # the best validation score (eval.select_by)
     best_step: int = -1
-    valid_history: list = field(default_factory=list)  # (step, validation Rouge-L)
+    valid_history: list = field(default_factory=list)  # (step, validation score)
 
 
 @dataclass
@@ -49,7 +49,7 @@ class Run:
     shared_vocabulary: bool
     train_data: list
     valid_data: list
-    test_data: list
+    test_sets: dict  # test-set name -> examples; the first is the primary one
     run_dir: Path
     cache_dir: Path
     tied_parameter_names: list  # parameters that alias another (tied embeddings), not saved twice
@@ -223,18 +223,20 @@ def generation_model(run: Run):
     return None
 
 
-def validate(run: Run) -> float:
-    """Validation Rouge-L of the current student (the main process generates; every process gets the score)."""
+def validate(run: Run) -> dict:
+    """Validation scores of the current student: {metric: value} for Rouge-L, EM and, on a set that
+    carries answers, answer accuracy (the main process generates; every process gets the scores)."""
     from accelerate.utils import broadcast_object_list
 
     cfg = run.cfg
     model = generation_model(run)
-    score = [None]
+    scores = [None]
     if run.accelerator.is_main_process:
-        score[0] = evaluate_model(
+        metrics = evaluate_model(
             model, run.tokenizer, run.valid_data, seeds=cfg.eval.valid_seeds, greedy=cfg.eval.greedy,
             max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
             max_prompt_tokens=cfg.data.max_prompt_tokens,
-        )["rouge_l"]
-    broadcast_object_list(score)
-    return float(score[0])
+        )
+        scores[0] = {m: float(metrics[m]) for m in METRICS if m in metrics}
+    broadcast_object_list(scores)
+    return scores[0]

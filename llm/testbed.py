@@ -22,15 +22,26 @@ answers these well within a few dozen new tokens, while an untrained student sco
 Addition, number comparison, list sorting and copying were probed and dropped, because the
 teacher answers them at chance level or not at all.
 
+Answers.  Every record also carries ``answers``: the ``accepted`` short answers, the
+``distractors`` (the answers of the family's other facts, the other two categories, the list's
+other words) and ``case_sensitive`` (chemical symbols), from which :func:`llm.evaluate.answer_accuracy`
+scores a response: it names an accepted answer and no distractor.  The question's own subject is
+never a distractor ("early" in "What is the opposite of early?").
+
 Splits.  For the fact families 30% of the facts (countries, words, elements, items) are held
-out: train draws only from the other 70%, and valid and test draw disjoint (fact, wording)
-prompts from the held-out facts, so the test set measures answering unseen facts in the
-learnt format.  ``list_position`` holds out a quarter of all lists by a stable hash.
+out, and each family has evaluation-only wordings (the last two of each table; two other questions
+for ``word_category``) that training never uses.  Train draws the other 70% of the facts in the
+training wordings.  Valid and test (**unseen facts**, the generalisation split) draw disjoint
+(fact, wording) prompts of the held-out facts, in every wording; ``test_seen`` (**seen facts in
+unseen wordings**, the in-distribution split) draws training facts in the evaluation-only wordings
+(``list_position`` has no such split).  Split sizes are divided between the families as evenly
+as their prompts allow (currency and element_symbol have fewer held-out prompts), valid and test
+in the same proportion.  ``list_position`` holds out a quarter of all lists by a stable hash.
 Everything is a pure function of ``seed`` (Python's ``random`` seeded with strings, which does
 not depend on ``PYTHONHASHSEED``), so the files are byte-identical across runs.
 
-``python -m llm.testbed --out DIR`` writes ``train.jsonl``, ``valid.jsonl``, ``test.jsonl`` and
-``manifest.json``; :func:`testbed_splits` does the same once under ``cache/`` and returns the paths.
+``python -m llm.testbed --out DIR`` writes ``train.jsonl``, ``valid.jsonl``, ``test.jsonl``,
+``test_seen.jsonl`` and ``manifest.json``; :func:`testbed_splits` does the same once under ``cache/`` and returns the paths.
 """
 
 from __future__ import annotations
@@ -38,6 +49,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import os
 import random
 import shutil
@@ -48,12 +60,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llm.cache import cache_lock
+from llm.data import names
 from pbkd_ref.cli import ArgumentParser
 
-GENERATOR_VERSION = 2
-SPLITS = ("train", "valid", "test")
+GENERATOR_VERSION = 3
+SPLITS = ("train", "valid", "test", "test_seen")
 HELD_OUT_FRACTION = 0.3
-DEFAULT_SIZES = {"train": 2000, "valid": 100, "test": 200}
+DEFAULT_SIZES = {"train": 2000, "valid": 200, "test": 500, "test_seen": 300}
 CACHE_ROOT = Path(__file__).resolve().parents[1] / "cache"
 
 # --------------------------------------------------------------------------------------------
@@ -186,6 +199,7 @@ class Prompt:
     instruction: str
     context: str
     references: tuple[str, ...]  # gold sentence first, then accepted variants and the bare answers
+    answers: dict  # accepted answers and distractors (the record's "answers" field)
 
 
 def _sentences(make: Callable[[str], str], answers: Sequence[str]) -> tuple[str, ...]:
@@ -203,42 +217,79 @@ CAPITAL_WORDINGS = (
     ("What is the capital of {key}?", "The capital of {key} is {answer}."),
     ("Which city is the capital of {key}?", "The capital of {key} is {answer}."),
     ("Name the capital city of {key}.", "The capital city of {key} is {answer}."),
+    # evaluation-only wordings (never in the training split)
+    ("Tell me the capital of {key}.", "The capital of {key} is {answer}."),
+    ("What city is the capital of {key}?", "The capital of {key} is {answer}."),
 )
 ANTONYM_WORDINGS = (
     ("What is the opposite of {key}?", "The opposite of {key} is {answer}."),
     ('What is the opposite of "{key}"?', 'The opposite of "{key}" is "{answer}".'),
     ("What is the antonym of {key}?", "The antonym of {key} is {answer}."),
+    # evaluation-only
+    ("Tell me the opposite of {key}.", "The opposite of {key} is {answer}."),
+    ("Give the antonym of {key}.", "The antonym of {key} is {answer}."),
 )
 CURRENCY_WORDINGS = (
     ("What is the currency of {key}?", "The currency of {key} is the {answer}."),
     ("Name the currency of {key}.", "The currency of {key} is the {answer}."),
     ("What currency is used in {key}?", "The currency used in {key} is the {answer}."),
+    # evaluation-only
+    ("Tell me the currency of {key}.", "The currency of {key} is the {answer}."),
+    ("Which currency is used in {key}?", "The currency used in {key} is the {answer}."),
 )
 ELEMENT_WORDINGS = (
     ("What is the chemical symbol for {key}?", "The chemical symbol for {key} is {answer}."),
     ("What is the chemical symbol of {key}?", "The chemical symbol of {key} is {answer}."),
     ("Which chemical symbol stands for {key}?", "The chemical symbol for {key} is {answer}."),
     ("Write the chemical symbol for {key}.", "The chemical symbol for {key} is {answer}."),
+    # evaluation-only
+    ("Give the chemical symbol for {key}.", "The chemical symbol for {key} is {answer}."),
+    ("Tell me the chemical symbol of {key}.", "The chemical symbol of {key} is {answer}."),
 )
+EVAL_WORDINGS = 2
+"""The last two wordings of every fact family are evaluation-only: the training split never uses them."""
 
 
-def _fact_family(table: dict[str, list[str]], wordings: tuple[tuple[str, str], ...]) -> Callable[[str, int], Prompt]:
-    """A question about one table entry; references are the echoing sentence for every accepted answer."""
+def _answers(accepted: Sequence[str], candidates: Sequence[str], *, subject: str = "",
+             case_sensitive: bool = False) -> dict:
+    """The ``answers`` field of a record: its accepted answers, and the distractors that make a
+    response wrong (the candidates that are not accepted and not named by the question's own subject,
+    e.g. "early" in "What is the opposite of early?")."""
+    distractors = sorted({c for c in candidates if c not in accepted
+                          and not names(subject, c, case_sensitive=case_sensitive)})
+    return {"accepted": list(accepted), "distractors": distractors, "case_sensitive": case_sensitive}
+
+
+def _fact_family(table: dict[str, list[str]], wordings: tuple[tuple[str, str], ...], *,
+                 case_sensitive: bool = False) -> Callable[[str, int], Prompt]:
+    """A question about one table entry; references are the echoing sentence for every accepted answer,
+    and the distractors every other entry's answers."""
+    candidates = sorted({a for answers in table.values() for a in answers})
+
     def make(key: str, wording: int) -> Prompt:
         question, answer = wordings[wording]
         return Prompt(question.format(key=key), "",
-                      _sentences(lambda a: answer.format(key=key, answer=a), table[key]))
+                      _sentences(lambda a: answer.format(key=key, answer=a), table[key]),
+                      _answers(table[key], candidates, subject=key, case_sensitive=case_sensitive))
     return make
 
 
 _CATEGORY_OF = {item: cat for cat, items in CATEGORY_ITEMS.items() for item in items}
 _CATEGORY_ORDERS = list(itertools.permutations(sorted(CATEGORY_ITEMS)))
+_CATEGORY_EVAL_QUESTIONS = ("Name the category of this word: {}, {}, or {}.", "Is this word a {}, an {}, or a {}?")
 
 
 def _word_category(item: str, wording: int) -> Prompt:
-    a, b, c = _CATEGORY_ORDERS[wording]
-    return Prompt(f"Which category does the word belong to: {a}, {b}, or {c}?", item,
-                  _sentences(lambda x: f'The word "{item}" belongs to the category of {x}.', [_CATEGORY_OF[item]]))
+    """Wordings 0-5: the six orders of the categories; 6-7 (evaluation-only): two other questions."""
+    if wording < len(_CATEGORY_ORDERS):
+        a, b, c = _CATEGORY_ORDERS[wording]
+        question = f"Which category does the word belong to: {a}, {b}, or {c}?"
+    else:
+        question = _CATEGORY_EVAL_QUESTIONS[wording - len(_CATEGORY_ORDERS)].format("fruit", "animal", "vehicle")
+    category = _CATEGORY_OF[item]
+    return Prompt(question, item,
+                  _sentences(lambda x: f'The word "{item}" belongs to the category of {x}.', [category]),
+                  _answers([category], sorted(CATEGORY_ITEMS)))
 
 
 def _list_position(key: str, wording: int) -> Prompt:
@@ -246,23 +297,29 @@ def _list_position(key: str, wording: int) -> Prompt:
     items = words.split(",")
     answer = items[0] if position == "first" else items[-1]
     return Prompt(f"What is the {position} word in this list?", ", ".join(items),
-                  _sentences(lambda a: f'The {position} word in this list is "{a}".', [answer]))
+                  _sentences(lambda a: f'The {position} word in this list is "{a}".', [answer]),
+                  _answers([answer], items))
 
 
 @dataclass(frozen=True)
 class Family:
     name: str
     make: Callable[[str, int], Prompt]
-    wordings: int
+    wordings: int  # training wordings 0 .. wordings-1
     keys: tuple[str, ...] | None  # a fact table, or None for a generated key space
+    eval_wordings: int = 0  # evaluation-only wordings wordings .. wordings+eval_wordings-1
 
 
 FAMILIES = (
-    Family("capital", _fact_family(CAPITALS, CAPITAL_WORDINGS), len(CAPITAL_WORDINGS), tuple(CAPITALS)),
-    Family("antonym", _fact_family(ANTONYMS, ANTONYM_WORDINGS), len(ANTONYM_WORDINGS), tuple(ANTONYMS)),
-    Family("currency", _fact_family(CURRENCIES, CURRENCY_WORDINGS), len(CURRENCY_WORDINGS), tuple(CURRENCIES)),
-    Family("element_symbol", _fact_family(ELEMENTS, ELEMENT_WORDINGS), len(ELEMENT_WORDINGS), tuple(ELEMENTS)),
-    Family("word_category", _word_category, len(_CATEGORY_ORDERS), tuple(_CATEGORY_OF)),
+    Family("capital", _fact_family(CAPITALS, CAPITAL_WORDINGS), len(CAPITAL_WORDINGS) - EVAL_WORDINGS,
+           tuple(CAPITALS), EVAL_WORDINGS),
+    Family("antonym", _fact_family(ANTONYMS, ANTONYM_WORDINGS), len(ANTONYM_WORDINGS) - EVAL_WORDINGS,
+           tuple(ANTONYMS), EVAL_WORDINGS),
+    Family("currency", _fact_family(CURRENCIES, CURRENCY_WORDINGS), len(CURRENCY_WORDINGS) - EVAL_WORDINGS,
+           tuple(CURRENCIES), EVAL_WORDINGS),
+    Family("element_symbol", _fact_family(ELEMENTS, ELEMENT_WORDINGS, case_sensitive=True),
+           len(ELEMENT_WORDINGS) - EVAL_WORDINGS, tuple(ELEMENTS), EVAL_WORDINGS),
+    Family("word_category", _word_category, len(_CATEGORY_ORDERS), tuple(_CATEGORY_OF), len(_CATEGORY_EVAL_QUESTIONS)),
     Family("list_position", _list_position, 1, None),
 )
 FAMILY_NAMES = tuple(f.name for f in FAMILIES)
@@ -287,13 +344,63 @@ def _list_is_held_out(key: str) -> bool:
     return zlib.crc32(key.encode()) % 4 == 0
 
 
-def _split_counts(total: int, n_families: int) -> list[int]:
-    return [total // n_families + (1 if i < total % n_families else 0) for i in range(n_families)]
+def _split_counts(total: int, capacities: list[float]) -> list[int]:
+    """``total`` divided as evenly as the families' capacities allow: a family with fewer prompts
+    than its share gives the rest to the others (water-filling), so the split keeps its size."""
+    counts, free = [0] * len(capacities), list(range(len(capacities)))
+    left = total
+    while left and free:
+        share = [left // len(free) + (1 if i < left % len(free) else 0) for i in range(len(free))]
+        full = [f for f, n in zip(free, share) if capacities[f] - counts[f] <= n]
+        if not full:
+            for f, n in zip(free, share):
+                counts[f] += n
+            return counts
+        for f in full:  # capped: take all that is left of it, re-share the rest
+            left -= capacities[f] - counts[f]
+            counts[f] = int(capacities[f])
+        free = [f for f in free if f not in full]
+    if left:
+        raise ValueError(f"the chosen families hold {sum(int(c) for c in capacities)} such prompts, fewer than the "
+                         f"{total} asked; ask for smaller valid/test sets")
+    return counts
 
 
-def _family_prompts(family: Family, seed: int, n_train: int, n_valid: int, n_test: int) -> dict[str, list[Prompt]]:
-    """Train prompts (with replacement) and disjoint valid/test prompts from the held-out part."""
+def _proportional(total: int, weights: list[int]) -> list[int]:
+    """``total`` divided in proportion to ``weights`` (largest remainders), each part <= its weight."""
+    whole = sum(weights)
+    if whole == 0:
+        return [0] * len(weights)
+    exact = [total * w / whole for w in weights]
+    parts = [math.floor(x) for x in exact]
+    for i in sorted(range(len(weights)), key=lambda i: parts[i] - exact[i])[: total - sum(parts)]:
+        parts[i] += 1
+    return parts
+
+
+def _pools(family: Family, seed: int) -> dict[str, list[tuple[str, int]] | None]:
+    """The (fact, wording) prompts each split draws from (None: a generated key space, drawn lazily).
+
+    train: the training facts in the training wordings; unseen (valid and test): the held-out facts
+    in every wording; seen (test_seen): the training facts in the evaluation-only wordings."""
+    if family.keys is None:
+        return {"unseen": None, "seen": []}
+    held_keys = _held_out_keys(family, seed)
+    train_keys = sorted(set(family.keys) - held_keys)
+    every = range(family.wordings + family.eval_wordings)
+    unseen = [(k, w) for k in sorted(held_keys) for w in every]
+    seen = [(k, w) for k in train_keys for w in range(family.wordings, family.wordings + family.eval_wordings)]
+    _rng(seed, family.name, "eval").shuffle(unseen)
+    _rng(seed, family.name, "seen").shuffle(seen)
+    return {"unseen": unseen, "seen": seen}
+
+
+def _family_prompts(family: Family, seed: int, n_train: int, n_unseen: int, n_test: int,
+                    n_seen: int) -> dict[str, list[Prompt]]:
+    """Train prompts (with replacement), disjoint valid/test prompts of held-out facts (the first
+    ``n_test`` of the ``n_unseen`` are the test set), and test_seen prompts."""
     out = {}
+    pools = _pools(family, seed)
     if family.keys is None:  # generated key space: hash split, then draw
         rng = _rng(seed, family.name, "train")
         train = []
@@ -304,53 +411,52 @@ def _family_prompts(family: Family, seed: int, n_train: int, n_valid: int, n_tes
         out["train"] = train
         rng = _rng(seed, family.name, "eval")
         seen, held = set(), []
-        while len(held) < n_valid + n_test:
+        while len(held) < n_unseen:
             key = _random_list_key(rng)
             if _list_is_held_out(key) and key not in seen:
                 seen.add(key)
                 held.append(family.make(key, rng.randrange(family.wordings)))
     else:
-        held_keys = _held_out_keys(family, seed)
-        train_keys = sorted(set(family.keys) - held_keys)
+        train_keys = sorted(set(family.keys) - _held_out_keys(family, seed))
         rng = _rng(seed, family.name, "train")
         out["train"] = [family.make(rng.choice(train_keys), rng.randrange(family.wordings)) for _ in range(n_train)]
-        pool = [(k, w) for k in sorted(held_keys) for w in range(family.wordings)]
-        if len(pool) < n_valid + n_test:
-            raise ValueError(
-                f"family {family.name!r} has {len(pool)} held-out prompts, fewer than the {n_valid + n_test} "
-                f"valid + test examples asked of it; ask for smaller valid/test sets"
-            )
-        _rng(seed, family.name, "eval").shuffle(pool)
-        held = [family.make(k, w) for k, w in pool[: n_valid + n_test]]
+        held = [family.make(k, w) for k, w in pools["unseen"][:n_unseen]]
     out["test"], out["valid"] = held[:n_test], held[n_test:]
+    out["test_seen"] = [family.make(k, w) for k, w in pools["seen"][:n_seen]]
     return out
 
 
 def generate_testbed(*, n_train: int = DEFAULT_SIZES["train"], n_valid: int = DEFAULT_SIZES["valid"],
-                     n_test: int = DEFAULT_SIZES["test"], seed: int = 0,
-                     families: Sequence[str] = FAMILY_NAMES) -> dict[str, list[dict]]:
+                     n_test: int = DEFAULT_SIZES["test"], n_test_seen: int = DEFAULT_SIZES["test_seen"],
+                     seed: int = 0, families: Sequence[str] = FAMILY_NAMES) -> dict[str, list[dict]]:
     """Dolly-format records for each split, a pure function of the arguments (spec section 4).
 
-    Each split is divided as evenly as possible between ``families`` and shuffled.  A record
-    holds ``instruction``, ``context``, ``response`` (the gold sentence), ``category`` (the
-    family) and ``references`` (every accepted answer, the gold sentence first).
+    Each split is divided as evenly as the families' prompts allow (valid + test together, so a
+    family's valid and test prompts never overlap) and shuffled.  A record holds ``instruction``,
+    ``context``, ``response`` (the gold sentence), ``category`` (the family), ``references`` (every
+    accepted answer, the gold sentence first) and ``answers`` (accepted answers and distractors).
     """
-    for name, n in (("n_train", n_train), ("n_valid", n_valid), ("n_test", n_test)):
+    sizes = {"n_train": n_train, "n_valid": n_valid, "n_test": n_test, "n_test_seen": n_test_seen}
+    for name, n in sizes.items():
         if n < 0:
             raise ValueError(f"{name} must be >= 0, got {n}")
     chosen = [f for f in FAMILIES if f.name in families]
     unknown = set(families) - set(FAMILY_NAMES)
     if unknown or not chosen:
         raise ValueError(f"unknown or no families {sorted(unknown) or list(families)}; choose from {', '.join(FAMILY_NAMES)}")
-    counts = {split: _split_counts(n, len(chosen)) for split, n in (("train", n_train), ("valid", n_valid), ("test", n_test))}
+    pools = [_pools(f, seed) for f in chosen]
+    unseen = _split_counts(n_valid + n_test, [math.inf if p["unseen"] is None else len(p["unseen"]) for p in pools])
+    seen = _split_counts(n_test_seen, [len(p["seen"]) for p in pools])
+    train = _split_counts(n_train, [math.inf] * len(chosen))
+    test = _proportional(n_test, unseen)  # valid and test hold each family in the same proportion
     records: dict[str, list[dict]] = {split: [] for split in SPLITS}
     for i, family in enumerate(chosen):
-        prompts = _family_prompts(family, seed, counts["train"][i], counts["valid"][i], counts["test"][i])
+        prompts = _family_prompts(family, seed, train[i], unseen[i], test[i], seen[i])
         for split in SPLITS:
             for p in prompts[split]:
                 records[split].append({"instruction": p.instruction, "context": p.context,
                                        "response": p.references[0], "category": family.name,
-                                       "references": list(p.references)})
+                                       "references": list(p.references), "answers": p.answers})
     for split in SPLITS:
         _rng(seed, "shuffle", split).shuffle(records[split])
     return records
@@ -358,12 +464,15 @@ def generate_testbed(*, n_train: int = DEFAULT_SIZES["train"], n_valid: int = DE
 
 def write_testbed(out_dir: str | os.PathLike, *, n_train: int = DEFAULT_SIZES["train"],
                   n_valid: int = DEFAULT_SIZES["valid"], n_test: int = DEFAULT_SIZES["test"],
-                  seed: int = 0, families: Sequence[str] = FAMILY_NAMES) -> dict[str, Path]:
-    """Write ``train.jsonl``, ``valid.jsonl``, ``test.jsonl`` and ``manifest.json`` to ``out_dir``.
+                  n_test_seen: int = DEFAULT_SIZES["test_seen"], seed: int = 0,
+                  families: Sequence[str] = FAMILY_NAMES) -> dict[str, Path]:
+    """Write ``train.jsonl``, ``valid.jsonl``, ``test.jsonl``, ``test_seen.jsonl`` and ``manifest.json``
+    to ``out_dir``.
 
     Files are written to a temporary name and renamed, so a reader never sees a partial file.
     """
-    records = generate_testbed(n_train=n_train, n_valid=n_valid, n_test=n_test, seed=seed, families=families)
+    records = generate_testbed(n_train=n_train, n_valid=n_valid, n_test=n_test, n_test_seen=n_test_seen,
+                               seed=seed, families=families)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths, digests = {}, {}
@@ -386,14 +495,15 @@ def _atomic_write(path: Path, text: str) -> None:
 
 def testbed_splits(cache_dir: str | os.PathLike | None = None, *, n_train: int = DEFAULT_SIZES["train"],
                    n_valid: int = DEFAULT_SIZES["valid"], n_test: int = DEFAULT_SIZES["test"],
-                   seed: int = 0, families: Sequence[str] = FAMILY_NAMES) -> dict[str, Path]:
+                   n_test_seen: int = DEFAULT_SIZES["test_seen"], seed: int = 0,
+                   families: Sequence[str] = FAMILY_NAMES) -> dict[str, Path]:
     """Paths of the testbed splits, generated once per setting under ``cache_dir``.
 
     ``cache_dir`` defaults to ``cache/testbed`` at the repository root; each setting (sizes,
     seed, families, generator version) gets its own sub-folder, reused while its manifest matches.
     """
     root = Path(cache_dir) if cache_dir is not None else CACHE_ROOT / "testbed"
-    tag = f"v{GENERATOR_VERSION}-s{seed}-{n_train}-{n_valid}-{n_test}"
+    tag = f"v{GENERATOR_VERSION}-s{seed}-{n_train}-{n_valid}-{n_test}-{n_test_seen}"
     if tuple(families) != FAMILY_NAMES:
         tag += "-" + hashlib.sha256(",".join(families).encode()).hexdigest()[:8]
     folder = root / tag
@@ -405,7 +515,8 @@ def testbed_splits(cache_dir: str | os.PathLike | None = None, *, n_train: int =
                 return {split: folder / f"{split}.jsonl" for split in SPLITS}
         build = Path(tempfile.mkdtemp(prefix=f".{tag}-", dir=root))
         try:
-            write_testbed(build, n_train=n_train, n_valid=n_valid, n_test=n_test, seed=seed, families=families)
+            write_testbed(build, n_train=n_train, n_valid=n_valid, n_test=n_test, n_test_seen=n_test_seen, seed=seed,
+                          families=families)
             if folder.exists():
                 shutil.rmtree(folder)
             os.replace(build, folder)
@@ -423,11 +534,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     parser.add_argument("--train", type=int, default=DEFAULT_SIZES["train"])
     parser.add_argument("--valid", type=int, default=DEFAULT_SIZES["valid"])
     parser.add_argument("--test", type=int, default=DEFAULT_SIZES["test"])
+    parser.add_argument("--test-seen", type=int, default=DEFAULT_SIZES["test_seen"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--families", nargs="+", default=list(FAMILY_NAMES), choices=FAMILY_NAMES)
     args = parser.parse_args(argv)
-    paths = write_testbed(args.out, n_train=args.train, n_valid=args.valid, n_test=args.test, seed=args.seed,
-                          families=args.families)
+    paths = write_testbed(args.out, n_train=args.train, n_valid=args.valid, n_test=args.test,
+                          n_test_seen=args.test_seen, seed=args.seed, families=args.families)
     for split, path in paths.items():
         print(f"{split}: {path}")
     return paths

@@ -16,7 +16,7 @@ The loop (:func:`loop`, after :func:`setup`) reads like the algorithm box:
                       (response tokens for token losses, pairs for DPKD)
         for each micro-batch:  loss = sum of per-unit losses / N;  backward
         clip; AdamW step; learning-rate schedule step
-        log (true divergences, DPKD diagnostics); validate by Rouge-L and keep the best; checkpoint
+        log (true divergences, DPKD diagnostics); validate (eval.select_by) and keep the best; checkpoint
 
 Gradient accumulation. Every objective returns the *sum* of its per-unit losses over a
 micro-batch divided by the number of units N in the *whole* batch (all micro-batches, all
@@ -50,6 +50,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from collections import defaultdict
 
@@ -57,6 +58,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from llm.cache import cache_lock
 from llm.checkpoint import (
     MetricsLog,
     atomic_write_bytes,
@@ -67,9 +69,9 @@ from llm.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from llm.config import DEFAULT_CONFIG, JUDGE_NAMES, TrainConfig, help_text, load_config, section_names, to_dict
+from llm.config import DEFAULT_CONFIG, JUDGE_NAMES, TeacherSFTConfig, TrainConfig, help_text, load_config, section_names, to_dict
 from llm.data import Example, load_hub_dataset, load_jsonl
-from llm.evaluate import evaluate_model, results_table, write_results
+from llm.evaluate import evaluate_model, has_answers, results_table, write_results
 from llm.models import (
     check_vocabularies,
     fresh_student,
@@ -133,16 +135,21 @@ def make_accelerator(cfg: TrainConfig):
     return Accelerator(cpu=not use_gpu, mixed_precision=precision, **kwargs)
 
 
-def load_data(cfg: TrainConfig) -> tuple[list[Example], list[Example], list[Example]]:
+def load_data(cfg: TrainConfig) -> tuple[list[Example], list[Example], dict[str, list[Example]]]:
+    """(train, valid, test sets by name, the primary one first). The testbed has two test sets,
+    unseen_facts and seen_facts (spec section 5); a file or hub source has one."""
     d = cfg.data
     if d.source == "testbed":
         from llm.testbed import testbed_splits
 
         files = testbed_splits(Path(cfg.cache_dir) / "testbed")  # the bundled set, generated once
-        train, valid, test = (load_jsonl(files[s], fmt="dolly") for s in ("train", "valid", "test"))
+        train, valid = (load_jsonl(files[s], fmt="dolly") for s in ("train", "valid"))
+        splits = {"unseen_facts": load_jsonl(files["test"]), "seen_facts": load_jsonl(files["test_seen"])}
+        tests = {d.primary_test: splits.pop(d.primary_test), **splits}
     elif d.source == "files":
         train, valid, test = (load_jsonl(getattr(d, f"{s}_file"), fmt=d.format, skip_malformed=d.skip_malformed)
                               for s in ("train", "valid", "test"))
+        tests = {Path(d.test_file).stem: test}
     else:
         pool = list(load_hub_dataset(d.hub_name, "train"))
         random.Random(cfg.seed).shuffle(pool)
@@ -150,22 +157,75 @@ def load_data(cfg: TrainConfig) -> tuple[list[Example], list[Example], list[Exam
             raise ValueError(f"{d.hub_name} has {len(pool)} examples, too few for the valid/test sizes")
         test, valid, train = (pool[: d.hub_test_size], pool[d.hub_test_size : d.hub_test_size + d.hub_valid_size],
                               pool[d.hub_test_size + d.hub_valid_size :])
+        tests = {d.hub_name.split("/")[-1]: test}
     limit = lambda xs, n: list(xs)[:n] if n else list(xs)  # noqa: E731
-    return limit(train, d.num_train), limit(valid, d.num_valid), limit(test, d.num_test)
+    valid = limit(valid, d.num_valid)
+    if cfg.eval.select_by == "answer_accuracy" and not has_answers(valid):
+        raise ValueError("eval.select_by=answer_accuracy needs validation examples that carry their answers "
+                         "(an 'answers' field, as the testbed writes); use eval.select_by=rouge_l")
+    return limit(train, d.num_train), valid, {name: limit(t, d.num_test) for name, t in tests.items()}
 
 
-def build_models(cfg: TrainConfig, device) -> tuple:
-    """Teacher p (frozen) and student q_theta (fp32 master weights), with their tokenizers."""
+def finetuned_teacher(cfg: TrainConfig, world: int, *, build: bool = True) -> str:
+    """The teacher the run distils from: ``cfg.teacher`` itself, or (``teacher_sft.steps > 0``) that
+    teacher fine-tuned on the training split by an ordinary ``sft`` run (seed 0, whatever the run's
+    seed: every seed distils the same teacher), built once under ``cache_dir/teacher_sft/<key>``
+    (resumed if it was cut short) and reused; returns its folder (``build=False``: only the folder
+    of ``checkpoints/best``, built or not)."""
+    t = cfg.teacher_sft
+    if not t.steps:
+        return cfg.teacher
+    data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in ("num_test", "primary_test")}
+    key = digest("teacher_sft", cfg.teacher, cfg.teacher_dtype, data, t.steps, t.lr, cfg.batch_size,
+                 cfg.eval.select_by, cfg.eval.valid_seeds, cfg.eval.greedy, cfg.eval.max_new_tokens)
+    folder = Path(cfg.cache_dir) / "teacher_sft" / key
+    best = folder / "run" / "checkpoints" / "best"
+    if not build:
+        return str(best)
+    if world > 1 and not (folder / "done.json").is_file():
+        raise ValueError(f"the fine-tuned teacher {folder} is not built yet; build it once with a single-process "
+                         "run of the same config (it is then reused)")
+    with cache_lock(folder):
+        if not (folder / "done.json").is_file():
+            resume = (folder / "run" / "checkpoints" / "latest").exists()
+            if not resume:  # cut short before its first checkpoint: start again
+                shutil.rmtree(folder / "run", ignore_errors=True)
+            sub = dataclasses.replace(
+                cfg, run_name="run", out_dir=str(folder), objective="sft", student_init="pretrained",
+                student=cfg.teacher, teacher_sft=TeacherSFTConfig(), seed=0, max_steps=t.steps, stop_after=0,
+                save_every=max(1, t.steps // 4),
+                optim=dataclasses.replace(cfg.optim, lr=t.lr, warmup_steps=max(1, t.steps // 10), schedule="cosine"),
+                online=dataclasses.replace(cfg.online, rounds=1), kd=dataclasses.replace(cfg.kd, teacher_topk=0),
+                eval=dataclasses.replace(cfg.eval, every=0, before=False, teacher=False, test=False))
+            print(f"[teacher_sft] fine-tuning {cfg.teacher} on the training split for {t.steps} steps into {folder}",
+                  flush=True)
+            started = time.perf_counter()
+            state = train(sub, resume=resume)["state"]
+            atomic_write_bytes(folder / "done.json", json.dumps(
+                {"teacher": cfg.teacher, "steps": t.steps, "lr": t.lr, "valid_score": state["best_valid"],
+                 "select_by": cfg.eval.select_by, "seconds": round(time.perf_counter() - started, 1)}).encode())
+    return str(best.resolve())
+
+
+def build_models(cfg: TrainConfig, device, teacher_path: str | None = None) -> tuple:
+    """Teacher p (frozen) and student q_theta (fp32 master weights), with their tokenizers.
+
+    ``teacher_path`` (default ``cfg.teacher``) is where the teacher's weights come from, e.g. the
+    fine-tuned teacher of :func:`finetuned_teacher`; a pruned student is always cut from
+    ``cfg.teacher`` itself, so it never inherits the fine-tune."""
     use_gpu = device.type == "cuda"
     dtype = DTYPES.get(cfg.teacher_dtype) or (torch.bfloat16 if use_gpu else torch.float32)
     remote = True if cfg.trust_remote_code else None
-    teacher = load_causal_lm(cfg.teacher, dtype=dtype, trust_remote_code=remote)
-    teacher_tokenizer = load_tokenizer(cfg.teacher)
+    teacher_path = teacher_path or cfg.teacher
+    teacher = load_causal_lm(teacher_path, dtype=dtype, trust_remote_code=remote)
+    teacher_tokenizer = load_tokenizer(teacher_path)
     if cfg.student_init == "pretrained":
         student = load_causal_lm(cfg.student, dtype=torch.float32, trust_remote_code=remote)
         tokenizer = load_tokenizer(cfg.student)
     elif cfg.student_init == "pruned":
-        student = pruned_student(teacher, list(cfg.student_layers)).float()
+        base = teacher if teacher_path == cfg.teacher else load_causal_lm(cfg.teacher, dtype=dtype,
+                                                                          trust_remote_code=remote)
+        student = pruned_student(base, list(cfg.student_layers)).float()
         tokenizer = teacher_tokenizer
     else:
         try:
@@ -238,8 +298,9 @@ def setup(cfg: TrainConfig, *, resume: bool = False):
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 
-    train_data, valid_data, test_data = load_data(cfg)
-    teacher, teacher_tokenizer, student, tokenizer = build_models(cfg, accelerator.device)
+    train_data, valid_data, test_sets = load_data(cfg)
+    teacher_path = finetuned_teacher(cfg, accelerator.num_processes)
+    teacher, teacher_tokenizer, student, tokenizer = build_models(cfg, accelerator.device, teacher_path)
     # a token-level objective on two vocabularies is refused, naming both; a text-level one runs, and teacher
     # and student then score in their own tokens
     shared = not check_vocabularies(teacher_tokenizer, tokenizer, teacher, student, cfg.objective)
@@ -262,8 +323,9 @@ def setup(cfg: TrainConfig, *, resume: bool = False):
         optimizer = accelerator.prepare(adamw)
     scheduler = make_scheduler(adamw, cfg)  # on the torch optimiser the engine steps; stepped once per step, by us
 
-    run = Run(cfg, accelerator, teacher, teacher_tokenizer, student, tokenizer, shared, train_data, valid_data,
-              test_data, run_dir, Path(cfg.cache_dir), tied, replica)
+    # the run's caches (teacher responses, top-k, evaluations) key on the teacher it really uses
+    run = Run(dataclasses.replace(cfg, teacher=teacher_path), accelerator, teacher, teacher_tokenizer, student,
+              tokenizer, shared, train_data, valid_data, test_sets, run_dir, Path(cfg.cache_dir), tied, replica)
     objective = build_objective(run)
     state, rng_to_restore = TrainState(), None
     if resume:
@@ -352,7 +414,7 @@ def loop(run: Run, objective: Objective, optimizer, scheduler, state: TrainState
     log = MetricsLog(run_dir, main, state.step if resume else None)
     before_path = run_dir / "eval_before.json"
     if cfg.eval.before and main and not before_path.is_file():
-        before = test_metrics(run, run.replica or accelerator.unwrap_model(student), run.tokenizer)
+        before = test_metrics(cfg, run.test_sets, run.replica or accelerator.unwrap_model(student), run.tokenizer)
         atomic_write_bytes(before_path, json.dumps(before, indent=2).encode())
     accelerator.wait_for_everyone()
     if rng_to_restore is not None:
@@ -388,11 +450,12 @@ def loop(run: Run, objective: Objective, optimizer, scheduler, state: TrainState
 
         # ---- validation, checkpoint selection, checkpoints --------------------------------------
         if (cfg.eval.every and state.step % cfg.eval.every == 0) or state.step == cfg.max_steps:
-            rouge = validate(run)
-            state.valid_history.append([state.step, rouge])
-            log.write(state.step, "valid", {"rouge_l": rouge})
-            if rouge > state.best_valid_rouge_l:
-                state.best_valid_rouge_l, state.best_step = rouge, state.step
+            scores = validate(run)
+            score = scores[cfg.eval.select_by]
+            state.valid_history.append([state.step, score])
+            log.write(state.step, "valid", scores)
+            if score > state.best_valid:
+                state.best_valid, state.best_step = score, state.step
                 save_best(run, state)
         if (cfg.save_every and state.step % cfg.save_every == 0) or state.step in (stop_at, cfg.max_steps):
             save_checkpoint(run, state, optimizer, scheduler, objective)
@@ -412,54 +475,77 @@ def loop(run: Run, objective: Objective, optimizer, scheduler, state: TrainState
 # =============================================================================================
 
 
-def test_metrics(run: Run, model, tokenizer) -> dict:
-    cfg = run.cfg
-    return evaluate_model(
-        model, tokenizer, run.test_data, seeds=cfg.eval.test_seeds, greedy=cfg.eval.greedy,
-        max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
-        max_prompt_tokens=cfg.data.max_prompt_tokens,
-    )
+def test_metrics(cfg: TrainConfig, test_sets: dict, model, tokenizer) -> dict:
+    """{test-set name: its section 5 metrics} of ``model``."""
+    return {name: evaluate_model(model, tokenizer, examples, seeds=cfg.eval.test_seeds, greedy=cfg.eval.greedy,
+                                 max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
+                                 max_prompt_tokens=cfg.data.max_prompt_tokens)
+            for name, examples in test_sets.items()}
 
 
-def teacher_test_metrics(run: Run) -> dict:
-    """The teacher's test metrics, cached per teacher, test set and protocol (main process only)."""
-    cfg = run.cfg
-    key = digest(cfg.teacher, [(ex.prompt, ex.references) for ex in run.test_data], cfg.eval.test_seeds,
-                 cfg.eval.greedy, cfg.eval.max_new_tokens, cfg.data.max_prompt_tokens)
-    path = run.cache_dir / "teacher_eval" / f"{key}.json"
+def _cached_teacher_metrics(cfg: TrainConfig, test_sets: dict, load_teacher) -> dict:
+    """The test metrics of ``cfg.teacher``, cached per teacher, test sets and protocol;
+    ``load_teacher()`` gives (model, tokenizer) when they must be computed."""
+    key = digest(cfg.teacher, {name: [(ex.prompt, ex.references, ex.answers) for ex in examples]
+                               for name, examples in test_sets.items()},
+                 cfg.eval.test_seeds, cfg.eval.greedy, cfg.eval.max_new_tokens, cfg.data.max_prompt_tokens)
+    path = Path(cfg.cache_dir) / "teacher_eval" / f"{key}.json"
     if path.is_file():
         return json.loads(path.read_text())
-    metrics = test_metrics(run, run.teacher, run.teacher_tokenizer)
+    metrics = test_metrics(cfg, test_sets, *load_teacher())
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, json.dumps(metrics, indent=2).encode())
     return metrics
 
 
-def test_set_name(cfg: TrainConfig) -> str:
-    return {"testbed": "testbed", "hub": cfg.data.hub_name.split("/")[-1]}.get(
-        cfg.data.source, Path(cfg.data.test_file).stem)
+def teacher_test_metrics(run: Run) -> dict:
+    """The run's teacher on its test sets (cached; main process only)."""
+    return _cached_teacher_metrics(run.cfg, run.test_sets, lambda: (run.teacher, run.teacher_tokenizer))
+
+
+def teacher_sft_record(cfg: TrainConfig) -> dict | None:
+    """What the fine-tune of ``cfg``'s teacher recorded when it finished (steps, lr, validation
+    score, wall seconds), or None when there is none (teacher_sft.steps = 0, or not built yet)."""
+    if not cfg.teacher_sft.steps:
+        return None
+    done = Path(finetuned_teacher(cfg, 0, build=False)).parents[2] / "done.json"
+    return json.loads(done.read_text()) if done.is_file() else None
+
+
+def evaluate_teacher(cfg: TrainConfig) -> dict:
+    """{test set: metrics} of the teacher a run of ``cfg`` distils from (fine-tuned first when
+    teacher_sft.steps > 0), on the CPU, through the same cache as a run's teacher row."""
+    _, _, test_sets = load_data(cfg)
+    path = finetuned_teacher(cfg, 1)
+    dtype = DTYPES.get(cfg.teacher_dtype) or torch.float32
+
+    def load():
+        model = load_causal_lm(path, dtype=dtype, trust_remote_code=True if cfg.trust_remote_code else None)
+        return model.eval().requires_grad_(False), load_tokenizer(path)
+
+    return _cached_teacher_metrics(dataclasses.replace(cfg, teacher=path), test_sets, load)
 
 
 def final_evaluation(run: Run, state: TrainState) -> dict | None:
-    """Test table: student before training, student after (best validation checkpoint), teacher."""
+    """Test table: student before training, student after (best validation checkpoint), teacher;
+    one column group per test set. None when eval.test is off."""
     cfg, acc = run.cfg, run.accelerator
     results = None
-    if acc.is_main_process:
+    if acc.is_main_process and cfg.eval.test:
         best = run.run_dir / "checkpoints" / "best"
         after_model = load_causal_lm(best.resolve()).to(run.device)
-        name = test_set_name(cfg)
         results = {}
         before_path = run.run_dir / "eval_before.json"
         if before_path.is_file():
-            results["student (before)"] = {name: json.loads(before_path.read_text())}
-        results[f"student (after, {cfg.objective}, step {state.best_step})"] = {
-            name: test_metrics(run, after_model, run.tokenizer)}
+            results["student (before)"] = json.loads(before_path.read_text())
+        results[f"student (after, {cfg.objective}, step {state.best_step})"] = test_metrics(
+            cfg, run.test_sets, after_model, run.tokenizer)
         if cfg.eval.teacher:
-            results["teacher"] = {name: teacher_test_metrics(run)}
+            results["teacher"] = teacher_test_metrics(run)
         json_path, md_path = write_results(results, run.run_dir)
         print("\n" + results_table(results), flush=True)
-        print(f"wrote {json_path} and {md_path}; best student (validation Rouge-L "
-              f"{state.best_valid_rouge_l:.1f}): {best.resolve()}", flush=True)
+        print(f"wrote {json_path} and {md_path}; best student (validation {cfg.eval.select_by} "
+              f"{state.best_valid:.1f}): {best.resolve()}", flush=True)
     acc.wait_for_everyone()
     return results
 

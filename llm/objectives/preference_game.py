@@ -57,6 +57,7 @@ import torch
 
 from llm import losses
 from llm.data import Example
+from llm.evaluate import has_answers
 from llm.judges import PreferenceQuery, make_judge
 from llm.models import pruned_student, small_config_like
 from llm.objectives.base import Objective
@@ -87,6 +88,9 @@ class _PreferenceGame(Objective):
         self.adversary = self.build_adversary().to(run.device)
         self.adversary_optimizer = torch.optim.AdamW(self.adversary.parameters(), lr=p.adversary_lr)
         self.judge = make_judge(p.judge, **self.judge_options())
+        if getattr(self.judge, "reward_name", None) == "answer_accuracy" and not has_answers(run.train_data):
+            raise ValueError("the bt_oracle judge's answer_accuracy reward needs training examples that carry their "
+                             "answers (as the testbed's do); set pbkd.judge_options={reward: rouge_l}")
         self.store = PreferenceStore(run.run_dir / "preferences.jsonl")
         self.lam = float(p.lam_init)
         self.nll_ref = math.nan
@@ -173,9 +177,9 @@ class _PreferenceGame(Objective):
             raise ValueError(f"round {round_index}: the judge produced no preference (judge stats: "
                              f"{self.judge.stats.summary()}); use more pbkd.pairs_per_round or another judge")
         self.fit_mle(round_index)
-        rouge = validate(run)
+        valid = validate(run)
         line = {"round": round_index, "step": steps.start, "pairs_this_round": len(records), "D": len(self.D),
-                "valid_rouge_l": rouge, "nll_ref": self.nll_ref, "bt_nll": self.full_bt_nll(),
+                **{f"valid_{m}": v for m, v in valid.items()}, "nll_ref": self.nll_ref, "bt_nll": self.full_bt_nll(),
                 "bt_bound": self.nll_ref + self.zeta_over_n, "lam": self.lam,
                 "reward_gap": self.round_gap(records), "judge": self.judge_totals}
         with open(run.run_dir / "rounds.jsonl", "a", encoding="utf-8") as handle:
@@ -201,7 +205,7 @@ class _PreferenceGame(Objective):
             responses, model_1 = samples.texts(run.tokenizer), f"student@round{round_index}"
         queries = [PreferenceQuery(prompt=ex.prompt, response_0=self.teacher_cache[ex.prompt].text, response_1=y,
                                    round=round_index, index=i, model_0="teacher", model_1=model_1,
-                                   references=tuple(ex.references))
+                                   references=tuple(ex.references), answers=ex.answers)
                    for i, (ex, y) in enumerate(zip(examples, responses))]
         before = self.judge.stats.as_dict()
         records = self.judge.label(queries)

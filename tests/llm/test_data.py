@@ -8,6 +8,7 @@ import torch
 
 from llm.data import (
     ALPACA_TEMPLATE,
+    Answers,
     Example,
     encode_generation_batch,
     encode_sft_batch,
@@ -46,11 +47,14 @@ def test_load_dolly(tmp_path):
         "",
         json.dumps({"instruction": "Summarise.", "context": "Cats sleep.", "response": "Sleep.",
                     "category": "summarization", "references": ["Sleep.", "They sleep."]}),
+        json.dumps({"instruction": "Capital of Peru?", "response": "Lima.", "answers": {
+            "accepted": ["Lima"], "distractors": ["Quito"]}}),
     ])
     examples = load_jsonl(path)
     assert examples == [
         Example(format_prompt("Name a colour."), "Red.", ["Red."], "open_qa"),
         Example(format_prompt("Summarise.", "Cats sleep."), "Sleep.", ["Sleep.", "They sleep."], "summarization"),
+        Example(format_prompt("Capital of Peru?"), "Lima.", ["Lima."], "", Answers(("Lima",), ("Quito",), False)),
     ]
     assert examples.skipped == [] and examples.source == str(path)
 
@@ -75,6 +79,13 @@ def test_load_minillm(tmp_path):
     ("dolly", '{"instruction": "i", "context": null, "response": "r"}', "context"),
     ("dolly", '{"instruction": "i", "response": "r", "references": []}', "references"),
     ("dolly", '{"instruction": "i", "response": "r"', "<json>"),
+    ("dolly", '{"instruction": "i", "response": "r", "answers": ["a"]}', "answers"),
+    ("dolly", '{"instruction": "i", "response": "r", "answers": {"accepted": []}}', "answers.accepted"),
+    ("dolly", '{"instruction": "i", "response": "r", "answers": {"accepted": ["a"], "distractors": [""]}}',
+     "answers.distractors"),
+    ("dolly", '{"instruction": "i", "response": "r", "answers": {"accepted": ["a"], "case_sensitive": 1}}',
+     "answers.case_sensitive"),
+    ("minillm", '{"prompt": "p", "output": "o", "answers": {"accepted": ["a"], "wrong": 1}}', "answers"),
     ("dolly", '["i", "r"]', "<record>"),
     ("minillm", '{"prompt": "p"}', "output"),
     ("minillm", '{"prompt": "p", "output": [1]}', "output"),

@@ -12,8 +12,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from llm.data import Example, encode_generation_batch, format_prompt
+from llm.data import Answers, Example, encode_generation_batch, format_prompt
 from llm.evaluate import (
+    answer_accuracy,
     evaluate_model,
     exact_match,
     generate,
@@ -21,8 +22,10 @@ from llm.evaluate import (
     normalize_answer,
     results_table,
     rouge_l,
+    score_predictions,
     write_results,
 )
+from llm.testbed import generate_testbed
 from llm.models import GPT2_TOKENIZER_NAME, fresh_student, load_tokenizer, tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -86,6 +89,58 @@ def test_exact_match_squad_normalisation():
     assert exact_match("Paris, France", ["Paris"]) == 0.0
     assert exact_match("a cold", ["hot", "Cold"]) == 100.0  # max over references
     assert exact_match("", ["red"]) == 0.0
+
+
+PERU = Answers(("Lima",), ("Quito", "Bogota", "Santiago", "Mexico City"))
+
+
+@pytest.mark.parametrize("response, correct", [
+    ("The capital of Peru is Lima.", True),
+    ("The capital of Peru is Quito.", False),  # a wrong fact in the gold template
+    ("Lima is the capital city of Peru, located on the Pacific coast.", True),  # a correct fact in other words
+    ("LIMA", True),
+    ("The capital of Peru is Lima or Quito.", False),  # two candidates named
+    ("It is either Bogota or Lima.", False),
+    ("The capital of Peru is Limassol.", False),  # inside a longer word: not named
+    ("I do not know.", False),
+    ("Peru.", False),
+])
+def test_answer_accuracy_on_hand_written_cases(response, correct):
+    assert answer_accuracy(response, PERU) == (100.0 if correct else 0.0)
+
+
+def test_answer_accuracy_masks_the_accepted_answers_and_respects_case():
+    canada = Answers(("Canadian dollar", "dollar"), ("US dollar", "Australian dollar", "euro"))
+    assert answer_accuracy("The currency of Canada is the Canadian dollar.", canada) == 100.0
+    assert answer_accuracy("Canada uses the US dollar.", canada) == 0.0  # its "dollar" is the US dollar
+    assert answer_accuracy("Canada uses the dollar, not the euro.", canada) == 0.0
+    iron = Answers(("Fe",), ("F", "I", "As"), case_sensitive=True)
+    assert answer_accuracy("The chemical symbol for iron is Fe.", iron) == 100.0
+    assert answer_accuracy("The chemical symbol for iron is fe.", iron) == 0.0
+    assert answer_accuracy("The symbol is Fe, not F.", iron) == 0.0
+    assert answer_accuracy("Iron is Fe; it is a metal.", iron) == 100.0  # "is", "it": no symbol named
+
+
+def test_answer_accuracy_of_the_testbed_gold_is_perfect_and_of_its_wrong_facts_zero():
+    records = generate_testbed(n_train=0, n_valid=0, n_test=120, n_test_seen=0)["test"]
+    examples = [Example(r["instruction"], r["response"], r["references"], r["category"],
+                        Answers(tuple(r["answers"]["accepted"]), tuple(r["answers"]["distractors"]),
+                                r["answers"]["case_sensitive"])) for r in records]
+    assert score_predictions([ex.response for ex in examples], examples)["answer_accuracy"] == 100.0
+    # every gold answer swapped for a distractor of its own family: the template stays, the fact is wrong
+    wrong = []
+    for ex in examples:
+        answer = max((a for a in ex.answers.accepted if a in ex.response), key=len)
+        wrong.append(ex.response.replace(answer, ex.answers.distractors[0]))
+    scores = score_predictions(wrong, examples)
+    assert scores["answer_accuracy"] == 0.0 and scores["rouge_l"] > 60.0  # Rouge-L still rewards the template
+
+
+def test_answer_accuracy_needs_answers_on_every_example_or_none():
+    with_answers = Example("p", "Lima", ["Lima"], "c", PERU)
+    assert "answer_accuracy" not in score_predictions(["Lima"], [Example("p", "Lima")])
+    with pytest.raises(ValueError, match="1 of 2 examples carry answers"):
+        score_predictions(["Lima", "Lima"], [with_answers, Example("p", "Lima")])
 
 
 def test_generation_config_is_the_protocol(tok):
@@ -160,13 +215,16 @@ def test_results_table_and_writer(tmp_path):
                     "self-inst": {"rouge_l": 12.0, "exact_match": 1.0, "seeds": []}},
         "one seed": {"dolly": {"rouge_l": 25.0, "rouge_l_std": 0.0, "exact_match": 7.0, "exact_match_std": 0.0,
                                "seeds": [10]}},
+        "testbed": {"testbed": {"answer_accuracy": 40.0, "rouge_l": 70.0, "exact_match": 30.0, "seeds": []}},
     }
     expected = (
-        "| method | dolly Rouge-L | dolly EM | self-inst Rouge-L | self-inst EM |\n"
-        "|---|---:|---:|---:|---:|\n"
-        "| teacher | 30.0 ± 0.5 | 10.0 ± 1.2 | - | - |\n"
-        "| student | 20.0 | 5.0 | 12.0 | 1.0 |\n"
-        "| one seed | 25.0 | 7.0 | - | - |\n"
+        "| method | dolly Rouge-L | dolly EM | self-inst Rouge-L | self-inst EM | testbed Acc | testbed Rouge-L "
+        "| testbed EM |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|\n"
+        "| teacher | 30.0 ± 0.5 | 10.0 ± 1.2 | - | - | - | - | - |\n"
+        "| student | 20.0 | 5.0 | 12.0 | 1.0 | - | - | - |\n"
+        "| one seed | 25.0 | 7.0 | - | - | - | - | - |\n"
+        "| testbed | - | - | - | - | 40.0 | 70.0 | 30.0 |\n"
     )
     assert results_table(results) == expected
     json_path, md_path = write_results(results, tmp_path / "out")

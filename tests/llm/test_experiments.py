@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import random
+import statistics
 from pathlib import Path
 
 import pytest
@@ -27,35 +29,56 @@ def _after(run_dir: Path) -> dict:
 
 def test_comparison_table_is_the_runs_from_one_warm_start_and_reuses_finished_runs(pbkd_assets, tmp_path, monkeypatch):
     config, out, figures = _base_config(pbkd_assets, tmp_path), tmp_path / "experiments", tmp_path / "figures"
-    payload = experiments.comparison_table(["sft", "pbkd_offline"], [1, 2], config, ["max_steps=2"], str(out),
+    payload = experiments.comparison_table(["sft", "pbkd_offline"], [1, 2, 3], config, ["max_steps=2"], str(out),
                                            warm_start_steps=2, figures=figures)
-    table = payload["table"]
-    assert list(table) == ["start (sft warm start, 2 steps)", "sft", "pbkd_offline"]
+    rows = payload["rows"]
+    assert list(rows) == ["student before training", "warm start (sft, 2 steps)", "sft", "pbkd_offline",
+                          f"teacher ({pbkd_assets.root / 'teacher'}, as given)"]
     warm_best = (out / "warm-start" / "checkpoints" / "best").resolve()
+    warm = {m: v for m, v in _after(out / "warm-start").items() if m in ("rouge_l", "exact_match")}
+    assert rows["warm start (sft, 2 steps)"]["scores"]["test"] == warm
     for method in ("sft", "pbkd_offline"):
         scores = []
-        for seed in (1, 2):
+        for seed in (1, 2, 3):
             run_dir = out / f"{method}-seed{seed}"
             cfg = json.loads((run_dir / "config.json").read_text())
             assert cfg["student_init"] == "pretrained" and Path(cfg["student"]) == warm_best
-            assert cfg["seed"] == seed and cfg["max_steps"] == 2
-            scores.append(_after(run_dir)["rouge_l"])
-        mean = sum(scores) / 2
-        assert table[method]["test"]["rouge_l"] == pytest.approx(mean)
-        assert table[method]["test"]["rouge_l_std"] == pytest.approx(abs(scores[0] - scores[1]) / 2 ** 0.5)
-        assert [r["rouge_l"] for r in payload["runs"][method]] == scores
-    assert table["start (sft warm start, 2 steps)"]["test"] == _after(out / "warm-start")
+            assert cfg["seed"] == seed and cfg["max_steps"] == 2 and cfg["eval"]["before"] is False
+            scores.append(_after(run_dir)["exact_match"])
+        summary = rows[method]["scores"]["test"]
+        assert summary["exact_match"] == pytest.approx(statistics.mean(scores))
+        assert summary["exact_match_std"] == pytest.approx(statistics.stdev(scores))
+        assert [r["scores"]["test"]["exact_match"] for r in payload["runs"][method]] == scores
+        # the paired difference from the warm start, with the two-sided 95% t interval over the 3 seeds
+        diff = rows[method]["minus_warm_start"]["test"]["exact_match"]
+        d = [v - warm["exact_match"] for v in scores]
+        half = 4.302652729911275 * statistics.stdev(d) / 3 ** 0.5  # t_{0.975, 2}
+        assert diff["mean"] == pytest.approx(statistics.mean(d)) and diff["n"] == 3
+        assert diff["ci95"] == pytest.approx([statistics.mean(d) - half, statistics.mean(d) + half])
     on_disk = json.loads((figures / "llm_methods.json").read_text())
-    assert on_disk["table"] == table and on_disk["complete"] is True
-    assert "| pbkd_offline |" in (figures / "llm_methods.md").read_text()
+    assert on_disk["rows"] == rows and on_disk["complete"] is True and on_disk["timing_seconds"]["runs"] > 0
+    markdown = (figures / "llm_methods.md").read_text()
+    assert "| pbkd_offline |" in markdown and "| method minus warm start |" in markdown
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
 
     monkeypatch.setattr(experiments, "train", no_training)
-    again = experiments.comparison_table(["sft", "pbkd_offline"], [1, 2], config, ["max_steps=2"], str(out),
+    again = experiments.comparison_table(["sft", "pbkd_offline"], [1, 2, 3], config, ["max_steps=2"], str(out),
                                          warm_start_steps=2, figures=figures)
-    assert again["table"] == table
+    assert again["rows"] == rows
+
+
+def test_paired_difference_interval_covers_at_the_stated_rate():
+    """The 95% interval of paired_difference covers the true mean difference about 95% of the time
+    (a z quantile in place of t, or the std in place of the standard error, fails this)."""
+    rng = random.Random(0)
+    trials, covered = 4000, 0
+    for _ in range(trials):
+        values = [rng.gauss(1.0, 2.0) for _ in range(5)]
+        lo, hi = experiments.paired_difference(values, [0.0] * 5)["ci95"]
+        covered += lo <= 1.0 <= hi
+    assert 0.93 < covered / trials < 0.97
 
 
 def test_run_one_resumes_a_stopped_run_and_refuses_other_overrides(pbkd_assets, tmp_path):
@@ -93,8 +116,8 @@ def test_rounds_figure_reads_the_per_round_validation_scores(pbkd_assets, tmp_pa
         run_dir = out / f"rounds-rm{size}-seed3"
         rounds = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
         assert [r["round"] for r in rounds] == [0, 1]
-        assert curve["valid_rouge_l"][:2] == [r["valid_rouge_l"] for r in rounds]
-        assert len(curve["valid_rouge_l"]) == 3 and curve["rounds_completed"] == [0, 1, 2]
+        assert curve["valid_score"][:2] == [r["valid_rouge_l"] for r in rounds]  # the config selects by Rouge-L
+        assert len(curve["valid_score"]) == 3 and curve["rounds_completed"] == [0, 1, 2]
         cfg = json.loads((run_dir / "config.json").read_text())
         assert cfg["pbkd"]["rm_config"]["hidden_size"] == int(size.split("x")[1]) and cfg["online"]["rounds"] == 2
     assert (figures / "llm_rounds.png").stat().st_size > 0
@@ -113,11 +136,20 @@ def test_command_line_takes_overrides_anywhere(monkeypatch):
     monkeypatch.setattr(experiments, "comparison_table", lambda *args: seen.setdefault("args", args))
     experiments.main(["--methods", "fkl", "dpkd", "--seeds", "10", "20", "max_steps=100", "eval.before=false",
                       "--warm-start-steps", "7"])
-    methods, seeds, _, overrides, _, warm_steps, _ = seen["args"]
-    assert methods == ["fkl", "dpkd"] and seeds == [10, 20] and warm_steps == 7
+    methods, seeds, _, overrides, _, warm_steps, _, topk = seen["args"]
+    assert methods == ["fkl", "dpkd"] and seeds == [10, 20] and warm_steps == 7 and topk == 0
     assert overrides == ["max_steps=100", "eval.before=false"]
 
 
 def test_figures_record_configs_inside_the_repository_by_relative_path(tmp_path):
     assert experiments._shown(str(experiments.REPO / "llm" / "configs" / "testbed.yaml")) == "llm/configs/testbed.yaml"
     assert experiments._shown(str(tmp_path / "base.yaml")) == str(tmp_path / "base.yaml")
+
+
+def test_baselines_expand_and_teacher_topk_reaches_only_the_divergences(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(experiments, "comparison_table", lambda *args: seen.setdefault("args", args))
+    experiments.main(["--methods", "baselines", "--teacher-topk", "32", "--seeds", "10"])
+    methods, *_, topk = seen["args"]
+    assert methods == list(experiments.BASELINES) and topk == 32
+    assert set(experiments.DIVERGENCES) < set(experiments.BASELINES)

@@ -16,6 +16,7 @@ from scipy.stats import binom
 from transformers import AutoModelForCausalLM
 
 from llm.data import format_prompt
+from llm.data import Answers
 from llm.judges import (
     JUDGES,
     PAIRWISE_TEMPLATE,
@@ -88,7 +89,7 @@ def test_pairwise_question_shows_the_instruction_and_both_orders():
 # --------------------------------------------------------------------------------------------
 
 
-def _numeric_reward(prompt, response, references):
+def _numeric_reward(query, response):
     return float(response)
 
 
@@ -129,6 +130,19 @@ def test_bt_oracle_with_the_rouge_reward_and_bad_rewards():
         BTOracleJudge("rouge_l").judge([PreferenceQuery("x", "a", "b")])
     with pytest.raises(ValueError, match="returned nan"):
         BTOracleJudge(lambda *_: float("nan")).judge([q])
+    with pytest.raises(ValueError, match="answer_accuracy reward needs the prompt's answers.*reward=rouge_l"):
+        BTOracleJudge().judge([q])  # the default reward, on a pair without answers
+
+
+def test_bt_oracle_answer_accuracy_reward_prefers_the_right_fact_over_the_template():
+    answers = Answers(("Lima",), ("Quito",))
+    q = PreferenceQuery("Capital of Peru?", "The capital of Peru is Quito.",
+                        "Lima is the capital city of Peru, located on the Pacific coast.",
+                        references=("The capital of Peru is Lima.",), answers=answers)
+    raw = json.loads(BTOracleJudge(reward_scale=10.0).judge([q])[0].raw_output)
+    assert (raw["reward_0"], raw["reward_1"]) == (0.0, 10.0) and raw["p_1"] == pytest.approx(1 / (1 + math.exp(-10)))
+    rouge = json.loads(BTOracleJudge("rouge_l").judge([q])[0].raw_output)
+    assert rouge["p_1"] < 0.05  # the Rouge-L reward prefers the template with the wrong fact
     with pytest.raises(ValueError, match="unknown reward 'bleu'"):
         BTOracleJudge("bleu")
 

@@ -292,6 +292,39 @@ def test_teacher_responses_are_generated_once_and_cached(assets, tmp_path):
     assert cache[0].stat().st_mtime_ns == stamp  # nothing regenerated
 
 
+def test_teacher_sft_fine_tunes_the_teacher_once_and_the_run_distils_from_it(assets, tmp_path, monkeypatch):
+    cfg = _config(assets, tmp_path, objective="fkl", max_steps=2, teacher_sft={"steps": 3, "lr": 1e-3},
+                  **{"eval.teacher": True})
+    first = trainer.train(load_config(_write_config(tmp_path, cfg)))
+    (folder,) = (p.parent for p in (tmp_path / "cache" / "teacher_sft").glob("*/done.json"))
+    done = json.loads((folder / "done.json").read_text())
+    assert done["steps"] == 3 and done["teacher"] == str(assets["teacher"])
+    tuned = load_file(str(folder / "run" / "checkpoints" / "best" / "model.safetensors"))
+    base = load_file(str(assets["teacher"] / "model.safetensors"))
+    assert any(not torch.equal(tuned[k], base[k]) for k in tuned)  # the fine-tune moved the teacher
+    # the run's config keeps the teacher as given; its caches key on the fine-tuned folder
+    saved = json.loads((Path(first["run_dir"]) / "config.json").read_text())
+    assert saved["teacher"] == str(assets["teacher"]) and saved["teacher_sft"]["steps"] == 3
+    evals = list((tmp_path / "cache" / "teacher_eval").glob("*.json"))
+    assert len(evals) == 1
+    assert first["results"]["teacher"] == trainer.evaluate_teacher(load_config(_write_config(tmp_path, cfg)))
+    as_given = trainer.evaluate_teacher(load_config(_write_config(tmp_path, {**cfg, "teacher_sft": {"steps": 0}})))
+    assert len(list((tmp_path / "cache" / "teacher_eval").glob("*.json"))) == 2 and as_given["test"]
+    # another seed distils the same teacher: no second fine-tune
+    monkeypatch.setattr(trainer, "train", lambda *a, **k: pytest.fail("the teacher was fine-tuned again"))
+    assert trainer.finetuned_teacher(load_config(_write_config(tmp_path, {**cfg, "seed": 7})), 1) == str(
+        (folder / "run" / "checkpoints" / "best").resolve())
+
+
+def test_a_pruned_student_is_cut_from_the_teacher_as_given(assets, tmp_path):
+    cfg = load_config(_write_config(tmp_path, _config(assets, tmp_path, student_init="pruned", student_layers=[0])))
+    other = _save_model(tmp_path / "other_teacher", "gpt2", 9, load_tokenizer(gpt2_tokenizer_dir()))
+    teacher, _, student, _ = trainer.build_models(cfg, torch.device("cpu"), str(other))
+    base = load_causal_lm(assets["teacher"])
+    assert torch.equal(student.transformer.wte.weight, base.transformer.wte.weight)
+    assert not torch.equal(teacher.transformer.wte.weight, base.transformer.wte.weight)
+
+
 @pytest.mark.parametrize("greedy, files", [(True, 1), (False, 2)])
 def test_greedy_teacher_responses_are_shared_across_seeds_sampled_ones_are_not(assets, tmp_path, greedy, files):
     for seed in (0, 1):
