@@ -40,6 +40,7 @@ from collections.abc import Sequence
 import torch
 from rouge_score import rouge_scorer
 from transformers import GenerationConfig
+from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
 
 from llm.data import MAX_PROMPT_TOKENS, Answers, Example, encode_generation_batch, load_jsonl
 from pbkd_ref.cli import ArgumentParser, refusing_bad_input
@@ -109,6 +110,68 @@ def generation_config(tokenizer, *, greedy: bool, max_new_tokens: int) -> Genera
     return GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, **common)
 
 
+def _prefill(model, ids: torch.Tensor, mask: torch.Tensor) -> tuple:
+    """(KV cache, last-position logits, last position ids) of a left-padded batch of prompts,
+    their common prefix encoded once: [prefix][padding][suffix] rows, positions counted over the
+    real tokens only, so every token sees the same tokens at the same positions as in the
+    left-padded batch."""
+    rows = [row[keep.bool()].tolist() for row, keep in zip(ids, mask)]
+    shared = 0
+    while shared < min(map(len, rows)) - 1 and all(r[shared] == rows[0][shared] for r in rows):
+        shared += 1
+    device = ids.device
+    if shared:
+        prefix = torch.tensor([rows[0][:shared]], device=device)
+        cache = model(input_ids=prefix, position_ids=torch.arange(shared, device=device)[None], use_cache=True,
+                      logits_to_keep=1).cache
+        cache.batch_repeat_interleave(len(rows))
+    else:
+        cache = None
+    width = max(len(r) for r in rows) - shared
+    suffix = torch.tensor([[0] * (width - len(r) + shared) + r[shared:] for r in rows], device=device)  # 0: masked
+    suffix_mask = torch.tensor([[0] * (width - len(r) + shared) + [1] * (len(r) - shared) for r in rows],
+                               device=device, dtype=mask.dtype)
+    positions = (shared + suffix_mask.long().cumsum(-1) - 1).masked_fill(suffix_mask == 0, 1)
+    full_mask = torch.cat([torch.ones(len(rows), shared, dtype=mask.dtype, device=device), suffix_mask], 1)
+    out = model(input_ids=suffix, attention_mask=full_mask, position_ids=positions, cache=cache, use_cache=True,
+                logits_to_keep=1)
+    return out.cache, out.logits[:, -1].float(), positions[:, -1], full_mask
+
+
+@torch.inference_mode()
+def greedy_tokens(model, batch: dict, *, max_new_tokens: int, eos: int) -> list[list[int]]:
+    """The new tokens of greedy decoding of a left-padded batch with ``no_repeat_ngram_size`` blocking,
+    up to and including each row's EOS: the tokens of ``model.generate`` under the greedy
+    :func:`generation_config`, since rows are independent and the blocking is the same processor.
+
+    Two savings, neither of which changes a token: the prompts' common prefix (the instruction
+    template) is encoded once and its KV cache shared by every row, the rows' own suffixes then
+    left-padded after it; and a row leaves the batch (and its KV cache) once it has written EOS, so
+    a batch costs the tokens its rows write, not its longest row times its size."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    cache, logits, position, mask = _prefill(model, ids, mask)
+    blocking = NoRepeatNGramLogitsProcessor(NO_REPEAT_NGRAM_SIZE)
+    live, rows = torch.arange(len(ids), device=ids.device), [[] for _ in range(len(ids))]
+    for t in range(max_new_tokens):
+        token = blocking(ids, logits).argmax(-1)
+        for row, tok in zip(live.tolist(), token.tolist()):
+            rows[row].append(tok)
+        going = token != eos
+        if t + 1 == max_new_tokens or not bool(going.any()):
+            break
+        ids = torch.cat([ids, token[:, None]], 1)
+        if not bool(going.all()):
+            keep = going.nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            ids, mask, position, token, live = ids[keep], mask[keep], position[keep], token[keep], live[keep]
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        position = position + 1
+        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=position[:, None], cache=cache,
+                    use_cache=True)
+        cache, logits = out.cache, out.logits[:, -1].float()
+    return rows
+
+
 @torch.inference_mode()
 def generate(model, tokenizer, prompts: Sequence[str], *, seed: int | None, greedy: bool = False,
              max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = 8,
@@ -116,7 +179,8 @@ def generate(model, tokenizer, prompts: Sequence[str], *, seed: int | None, gree
     """Responses to ``prompts`` under the section 5 decoding settings, prompt stripped, cut at EOS.
 
     Sampling draws from torch's global generator, seeded with ``seed`` inside a forked RNG state,
-    so the caller's RNG is untouched and a seed gives the same responses for the same batch size.
+    so the caller's RNG is untouched and a seed gives the same responses for the same batch size;
+    it runs ``model.generate``. Greedy decoding runs :func:`greedy_tokens`, which drops finished rows.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -134,8 +198,11 @@ def generate(model, tokenizer, prompts: Sequence[str], *, seed: int | None, gree
                 batch = encode_generation_batch(tokenizer, prompts[start:start + batch_size],
                                                 max_prompt_tokens, chat_template=chat_template)
                 batch = {k: v.to(device) for k, v in batch.items()}
-                out = model.generate(**batch, generation_config=config)
-                new_tokens = out[:, batch["input_ids"].shape[1]:].tolist()
+                if greedy:
+                    new_tokens = greedy_tokens(model, batch, max_new_tokens=max_new_tokens, eos=tokenizer.eos_token_id)
+                else:
+                    out = model.generate(**batch, generation_config=config)
+                    new_tokens = out[:, batch["input_ids"].shape[1]:].tolist()
                 for row in new_tokens:
                     if tokenizer.eos_token_id in row:
                         row = row[: row.index(tokenizer.eos_token_id)]

@@ -94,6 +94,20 @@ def paired_difference(values: list[float], baseline: list[float]) -> dict:
     return {"mean": mean, "ci95": [mean - half, mean + half], "n": n}
 
 
+def gap_closed(minus_warm: dict, warm: dict, teacher: dict) -> dict:
+    """The fraction of the teacher-minus-warm-start gap a method closes, per test set and metric:
+    its paired difference from the warm start (mean and 95% interval) over ``teacher - warm``;
+    None where the teacher is not above the warm start."""
+    out = {}
+    for name, per_metric in minus_warm.items():
+        out[name] = {}
+        for m, d in per_metric.items():
+            gap = teacher[name][m] - warm[name][m]
+            out[name][m] = None if gap <= 0 else {"mean": d["mean"] / gap, "ci95": [x / gap for x in d["ci95"]],
+                                                  "gap": gap}
+    return out
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
@@ -255,6 +269,11 @@ def _table_payload(methods, runs, warm, teacher_rows, seeds, config, overrides, 
                         **({"minus_warm_start": diff} if warm_scores is not None else {})}
     for name, row in teacher_rows.items():
         rows[name] = row
+    teacher = next((row["scores"] for row in teacher_rows.values() if row["default"]), None)
+    if warm_scores is not None and teacher is not None:
+        for method, per_seed in runs.items():
+            if per_seed:
+                rows[method]["gap_closed"] = gap_closed(rows[method]["minus_warm_start"], warm_scores, teacher)
     cfg = load_config(config, overrides)
     timing = {"teacher_eval": {k: v["eval_seconds"] for k, v in teacher_rows.items()},
               "teacher_sft": {k: v["teacher_sft"]["seconds"] for k, v in teacher_rows.items() if v["teacher_sft"]},
@@ -296,6 +315,16 @@ def methods_markdown(payload: dict) -> str:
         for name, diff in diffs.items():
             cells = [f"{d['mean']:+.1f} [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]" if d["n"] > 1 else f"{d['mean']:+.1f}"
                      for t in sets for d in (diff[t][m] for m in metrics)]
+            lines.append("| " + " | ".join([name, *cells]) + " |")
+        out += "\n" + "\n".join(lines) + "\n"
+    closed = {name: row["gap_closed"] for name, row in rows.items() if "gap_closed" in row}
+    if closed:
+        header = ["share of the teacher - warm start gap closed"] + [f"{t} {_NAMES[m]}" for t in sets for m in metrics]
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+        for name, per_set in closed.items():
+            cells = ["-" if g is None else f"{100 * g['mean']:+.0f}% [{100 * g['ci95'][0]:+.0f}, {100 * g['ci95'][1]:+.0f}]"
+                     if not math.isnan(g["ci95"][0]) else f"{100 * g['mean']:+.0f}%"
+                     for t in sets for g in (per_set[t][m] for m in metrics)]
             lines.append("| " + " | ".join([name, *cells]) + " |")
         out += "\n" + "\n".join(lines) + "\n"
     return out

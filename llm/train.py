@@ -450,10 +450,11 @@ def loop(run: Run, objective: Objective, optimizer, scheduler, state: TrainState
 
         # ---- validation, checkpoint selection, checkpoints --------------------------------------
         if (cfg.eval.every and state.step % cfg.eval.every == 0) or state.step == cfg.max_steps:
+            validation_started = time.perf_counter()
             scores = validate(run)
             score = scores[cfg.eval.select_by]
             state.valid_history.append([state.step, score])
-            log.write(state.step, "valid", scores)
+            log.write(state.step, "valid", {**scores, "seconds": round(time.perf_counter() - validation_started, 2)})
             if score > state.best_valid:
                 state.best_valid, state.best_step = score, state.step
                 save_best(run, state)

@@ -19,6 +19,7 @@ from llm.evaluate import (
     exact_match,
     generate,
     generation_config,
+    greedy_tokens,
     normalize_answer,
     results_table,
     rouge_l,
@@ -156,6 +157,20 @@ def test_greedy_batches_match_single_prompts(tok, tiny_model):
     batched = generate(tiny_model, tok, PROMPTS, seed=None, greedy=True, max_new_tokens=6, batch_size=4)
     singles = [generate(tiny_model, tok, [p], seed=None, greedy=True, max_new_tokens=6)[0] for p in PROMPTS]
     assert batched == singles and all(isinstance(s, str) for s in batched)
+
+
+def test_greedy_tokens_drop_finished_rows_and_match_generate(tok, tiny_model):
+    """The row-dropping greedy decoder writes exactly the tokens of model.generate, EOS included."""
+    batch = encode_generation_batch(tok, PROMPTS * 2, 64)
+    config = generation_config(tok, greedy=True, max_new_tokens=24)
+    width = batch["input_ids"].shape[1]
+    first = tiny_model.generate(**batch, generation_config=config)[:, width:]
+    eos = int(first[0, 2])  # an "EOS" that row 0 writes early: rows then leave the batch at different steps
+    config.eos_token_id = eos
+    expected = tiny_model.generate(**batch, generation_config=config)[:, width:].tolist()
+    got = greedy_tokens(tiny_model, batch, max_new_tokens=24, eos=eos)
+    assert got == [row[: row.index(eos) + 1] if eos in row else row for row in expected]
+    assert len({len(row) for row in got}) > 1  # rows did leave at different steps
 
 
 def test_generation_strips_prompt_and_stops_at_eos(tok, tiny_model):

@@ -153,3 +153,13 @@ def test_baselines_expand_and_teacher_topk_reaches_only_the_divergences(monkeypa
     methods, *_, topk = seen["args"]
     assert methods == list(experiments.BASELINES) and topk == 32
     assert set(experiments.DIVERGENCES) < set(experiments.BASELINES)
+
+
+def test_gap_closed_is_the_paired_difference_over_the_teacher_minus_warm_start_gap():
+    minus = {"t": {"answer_accuracy": {"mean": 5.0, "ci95": [1.0, 9.0], "n": 5},
+                   "rouge_l": {"mean": 1.0, "ci95": [0.0, 2.0], "n": 5}}}
+    warm, teacher = {"t": {"answer_accuracy": 20.0, "rouge_l": 80.0}}, {"t": {"answer_accuracy": 70.0, "rouge_l": 75.0}}
+    closed = experiments.gap_closed(minus, warm, teacher)
+    acc = closed["t"]["answer_accuracy"]
+    assert acc["mean"] == pytest.approx(0.1) and acc["ci95"] == pytest.approx([0.02, 0.18]) and acc["gap"] == 50.0
+    assert closed["t"]["rouge_l"] is None  # the teacher is below the warm start: no gap to close
