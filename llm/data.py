@@ -140,14 +140,17 @@ def _answers_field(record: dict) -> Answers | None:
     if value is None:
         return None
     if not isinstance(value, dict):
-        raise _RecordError("answers", f"must be an object with accepted/distractors/case_sensitive, got {type(value).__name__}")
+        raise _RecordError("answers", "must be an object with accepted/distractors/case_sensitive, "
+                                      f"got {type(value).__name__}")
     unknown = sorted(set(value) - {"accepted", "distractors", "case_sensitive"})
     if unknown:
         raise _RecordError("answers", f"has unknown keys {unknown}; valid keys: accepted, distractors, case_sensitive")
     accepted, distractors = value.get("accepted"), value.get("distractors", [])
     for name, items, non_empty in (("accepted", accepted, True), ("distractors", distractors, False)):
-        if not isinstance(items, list) or (non_empty and not items) or not all(isinstance(a, str) and a.strip() for a in items):
-            raise _RecordError(f"answers.{name}", f"must be a {'non-empty ' if non_empty else ''}list of non-empty strings")
+        strings = isinstance(items, list) and all(isinstance(a, str) and a.strip() for a in items)
+        if not strings or (non_empty and not items):
+            raise _RecordError(f"answers.{name}",
+                               f"must be a {'non-empty ' if non_empty else ''}list of non-empty strings")
     case = value.get("case_sensitive", False)
     if not isinstance(case, bool):
         raise _RecordError("answers.case_sensitive", f"must be true or false, got {case!r}")

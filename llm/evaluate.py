@@ -250,7 +250,8 @@ def score_predictions(predictions: Sequence[str], examples: Sequence[Example]) -
             per_cat[key]["n"] += 1
     total = per_cat.pop("")
     out = {m: total[m] / total["n"] for m in metrics}
-    out["by_category"] = {c: {**{m: a[m] / a["n"] for m in metrics}, "n": int(a["n"])} for c, a in sorted(per_cat.items())}
+    out["by_category"] = {c: {**{m: a[m] / a["n"] for m in metrics}, "n": int(a["n"])}
+                          for c, a in sorted(per_cat.items())}
     return out
 
 

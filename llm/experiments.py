@@ -16,9 +16,9 @@ set and step budget:
 The starting student. As in MiniLLM and DistiLLM, every method starts from one student that was
 first fine-tuned on the gold responses: a warm-start ``sft`` run of ``--warm-start-steps`` steps
 (``warm-start`` in ``--out-dir``, trained once and shared by every method and seed; its own
-test scores are the table's second row, after the student before training). The pruned testbed student writes near-empty text before
-training (Rouge-L 0.1), which a policy gradient on a learned reward cannot get off the ground
-from; ``--warm-start-steps 0`` starts every method from the config's student instead.
+test scores are the table's second row, after the student before training). The pruned testbed
+student writes near-empty text before training (Rouge-L 0.1), which a policy gradient on a
+learned reward cannot get off the ground from; ``--warm-start-steps 0`` starts every method from the config's student instead.
 
 Every run keeps its folder ``<out-dir>/<method>-seed<seed>`` and, once finished, an
 ``experiment.json`` record there. Running the same command again reuses finished runs, resumes a
@@ -291,6 +291,15 @@ def _table_payload(methods, runs, warm, teacher_rows, seeds, config, overrides, 
 _NAMES = {"answer_accuracy": "Acc", "rouge_l": "Rouge-L", "exact_match": "EM"}
 
 
+def _share(g: dict | None) -> str:
+    """A gap_closed cell: the share in percent with its 95% interval ("-": no gap to close)."""
+    if g is None:
+        return "-"
+    if math.isnan(g["ci95"][0]):  # one seed: no interval
+        return f"{100 * g['mean']:+.0f}%"
+    return f"{100 * g['mean']:+.0f}% [{100 * g['ci95'][0]:+.0f}, {100 * g['ci95'][1]:+.0f}]"
+
+
 def methods_markdown(payload: dict) -> str:
     """The table as Markdown: mean ± std over seeds per test set, then each method's paired
     difference from the warm start with its 95% interval."""
@@ -313,8 +322,8 @@ def methods_markdown(payload: dict) -> str:
         header = ["method minus warm start"] + [f"{t} {_NAMES[m]}" for t in sets for m in metrics]
         lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
         for name, diff in diffs.items():
-            cells = [f"{d['mean']:+.1f} [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]" if d["n"] > 1 else f"{d['mean']:+.1f}"
-                     for t in sets for d in (diff[t][m] for m in metrics)]
+            cells = [f"{d['mean']:+.1f} [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]" if d["n"] > 1
+                     else f"{d['mean']:+.1f}" for t in sets for d in (diff[t][m] for m in metrics)]
             lines.append("| " + " | ".join([name, *cells]) + " |")
         out += "\n" + "\n".join(lines) + "\n"
     closed = {name: row["gap_closed"] for name, row in rows.items() if "gap_closed" in row}
@@ -322,9 +331,7 @@ def methods_markdown(payload: dict) -> str:
         header = ["share of the teacher - warm start gap closed"] + [f"{t} {_NAMES[m]}" for t in sets for m in metrics]
         lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
         for name, per_set in closed.items():
-            cells = ["-" if g is None else f"{100 * g['mean']:+.0f}% [{100 * g['ci95'][0]:+.0f}, {100 * g['ci95'][1]:+.0f}]"
-                     if not math.isnan(g["ci95"][0]) else f"{100 * g['mean']:+.0f}%"
-                     for t in sets for g in (per_set[t][m] for m in metrics)]
+            cells = [_share(g) for t in sets for g in (per_set[t][m] for m in metrics)]
             lines.append("| " + " | ".join([name, *cells]) + " |")
         out += "\n" + "\n".join(lines) + "\n"
     return out
@@ -342,7 +349,8 @@ def parse_size(text: str) -> dict:
 
 def rounds_figure(sizes: list[str], rounds: int, seed: int, config: str, overrides: list[str], out_dir: str,
                   warm_start_steps: int = 100, figures: Path = FIGURES) -> dict:
-    """Online pbkd from the warm start for each reward-model size: the validation score (eval.select_by) after 0..T rounds
+    """Online pbkd from the warm start for each reward-model size: the validation score
+    (eval.select_by) after 0..T rounds
     -> figures/llm_rounds.{png,json}."""
     start, _ = warm_start(warm_start_steps, config, overrides, out_dir)
     metric = load_config(config, overrides).eval.select_by  # the validation score the rounds log and select by
@@ -360,7 +368,8 @@ def rounds_figure(sizes: list[str], rounds: int, seed: int, config: str, overrid
                         "seconds": record["seconds"]}
         print(f"[experiments] rm {size}: valid {metric} by round {[round(s, 2) for s in scores]}", flush=True)
     figures.mkdir(parents=True, exist_ok=True)
-    payload = {"rounds": rounds, "seed": seed, "config": _shown(config), "command_overrides": overrides, "metric": metric,
+    payload = {"rounds": rounds, "seed": seed, "config": _shown(config), "command_overrides": overrides,
+               "metric": metric,
                "warm_start_steps": warm_start_steps, "curves": curves}
     _write_atomic(figures / "llm_rounds.json", json.dumps(payload, indent=2) + "\n")
     import matplotlib

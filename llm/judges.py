@@ -19,7 +19,8 @@ ready for :meth:`llm.preference_store.PreferenceStore.append`.
 Judges (registry :data:`JUDGES`, built by :func:`make_judge`):
 
 - ``bt_oracle``: a known reward function ``r(x, y)`` (by default answer accuracy, on data that
-  carries answers; or Rouge-L); ``label ~ Bernoulli(sigma(r(x, y_1) - r(x, y_0)))``, the Bradley-Terry model of spec tabular.md section 2, sampled with a generator
+  carries answers; or Rouge-L); ``label ~ Bernoulli(sigma(r(x, y_1) - r(x, y_0)))``,
+  the Bradley-Terry model of spec tabular.md section 2, sampled with a generator
   seeded by ``(seed, round, index)`` so a label does not depend on batching or on a restart.
 - ``rouge``: prefers the response with the higher Rouge-L against the references, scored by
   the project's one Rouge-L scorer :func:`llm.evaluate.rouge_l`.

@@ -41,7 +41,8 @@ Everything is a pure function of ``seed`` (Python's ``random`` seeded with strin
 not depend on ``PYTHONHASHSEED``), so the files are byte-identical across runs.
 
 ``python -m llm.testbed --out DIR`` writes ``train.jsonl``, ``valid.jsonl``, ``test.jsonl``,
-``test_seen.jsonl`` and ``manifest.json``; :func:`testbed_splits` does the same once under ``cache/`` and returns the paths.
+``test_seen.jsonl`` and ``manifest.json``; :func:`testbed_splits` does the same once under ``cache/``
+and returns the paths.
 """
 
 from __future__ import annotations

@@ -69,7 +69,16 @@ from llm.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from llm.config import DEFAULT_CONFIG, JUDGE_NAMES, TeacherSFTConfig, TrainConfig, help_text, load_config, section_names, to_dict
+from llm.config import (
+    DEFAULT_CONFIG,
+    JUDGE_NAMES,
+    TeacherSFTConfig,
+    TrainConfig,
+    help_text,
+    load_config,
+    section_names,
+    to_dict,
+)
 from llm.data import Example, load_hub_dataset, load_jsonl
 from llm.evaluate import evaluate_model, has_answers, results_table, write_results
 from llm.models import (

@@ -62,7 +62,8 @@ class TinyRunAssets:
             "eval": {"every": 0, "valid_seeds": [10], "test_seeds": [10], "max_new_tokens": 4, "batch_size": 8,
                      "before": False, "teacher": False},
             "optim": {"lr": 1e-3, "schedule": "constant"},
-            "pbkd": {"pairs_per_round": 6, "mle_steps": 3, "bt_batch_size": 4, "judge_options": {"reward": "rouge_l", "reward_scale": 10.0},
+            "pbkd": {"pairs_per_round": 6, "mle_steps": 3, "bt_batch_size": 4,
+                     "judge_options": {"reward": "rouge_l", "reward_scale": 10.0},
                      "rm_config": {"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2}},
             "batch_size": 4, "max_steps": 4, "log_every": 1, "save_every": 0, "num_threads": 1,
         }
