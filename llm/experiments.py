@@ -300,40 +300,38 @@ def _share(g: dict | None) -> str:
     return f"{100 * g['mean']:+.0f}% [{100 * g['ci95'][0]:+.0f}, {100 * g['ci95'][1]:+.0f}]"
 
 
+def _markdown(title: str, columns: list[str], cells: dict[str, list[str]]) -> str:
+    """One Markdown table: a header of ``title`` and ``columns``, then one line per named row of cells."""
+    lines = ["| " + " | ".join([title, *columns]) + " |", "|" + "|".join(["---"] + ["---:"] * len(columns)) + "|"]
+    lines += ["| " + " | ".join([name, *row]) + " |" for name, row in cells.items()]
+    return "\n".join(lines) + "\n"
+
+
 def methods_markdown(payload: dict) -> str:
-    """The table as Markdown: mean ± std over seeds per test set, then each method's paired
-    difference from the warm start with its 95% interval."""
+    """The table as Markdown: mean ± std over seeds per test set; then each method's paired
+    difference from the warm start with its 95% interval; then the share of the teacher-minus-warm-
+    start gap it closes."""
     rows = payload["rows"]
     sets = list(next(iter(rows.values()))["scores"])
     metrics = [m for m in METRICS if m in next(iter(rows.values()))["scores"][sets[0]]]
-    header = ["row"] + [f"{t} {_NAMES[m]}" for t in sets for m in metrics]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
-    for name, row in rows.items():
-        cells = []
-        for t in sets:
-            for m in metrics:
-                value, std = row["scores"][t][m], row["scores"][t].get(f"{m}_std")
-                cells.append(f"{value:.1f} ± {std:.1f}" if std is not None and len(row.get("seeds", [])) > 1
-                             else f"{value:.1f}")
-        lines.append("| " + " | ".join([name, *cells]) + " |")
-    out = "\n".join(lines) + "\n"
-    diffs = {name: row["minus_warm_start"] for name, row in rows.items() if "minus_warm_start" in row}
+    columns, keys = [f"{t} {_NAMES[m]}" for t in sets for m in metrics], [(t, m) for t in sets for m in metrics]
+
+    def spread(row, t, m):
+        value, std = row["scores"][t][m], row["scores"][t].get(f"{m}_std")
+        return f"{value:.1f} ± {std:.1f}" if std is not None and len(row.get("seeds", [])) > 1 else f"{value:.1f}"
+
+    def difference(d):
+        return f"{d['mean']:+.1f} [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]" if d["n"] > 1 else f"{d['mean']:+.1f}"
+
+    out = _markdown("row", columns, {name: [spread(row, t, m) for t, m in keys] for name, row in rows.items()})
+    diffs = {name: [difference(row["minus_warm_start"][t][m]) for t, m in keys]
+             for name, row in rows.items() if "minus_warm_start" in row}
     if diffs:
-        header = ["method minus warm start"] + [f"{t} {_NAMES[m]}" for t in sets for m in metrics]
-        lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
-        for name, diff in diffs.items():
-            cells = [f"{d['mean']:+.1f} [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]" if d["n"] > 1
-                     else f"{d['mean']:+.1f}" for t in sets for d in (diff[t][m] for m in metrics)]
-            lines.append("| " + " | ".join([name, *cells]) + " |")
-        out += "\n" + "\n".join(lines) + "\n"
-    closed = {name: row["gap_closed"] for name, row in rows.items() if "gap_closed" in row}
+        out += "\n" + _markdown("method minus warm start", columns, diffs)
+    closed = {name: [_share(row["gap_closed"][t][m]) for t, m in keys]
+              for name, row in rows.items() if "gap_closed" in row}
     if closed:
-        header = ["share of the teacher - warm start gap closed"] + [f"{t} {_NAMES[m]}" for t in sets for m in metrics]
-        lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
-        for name, per_set in closed.items():
-            cells = [_share(g) for t in sets for g in (per_set[t][m] for m in metrics)]
-            lines.append("| " + " | ".join([name, *cells]) + " |")
-        out += "\n" + "\n".join(lines) + "\n"
+        out += "\n" + _markdown("share of the teacher - warm start gap closed", columns, closed)
     return out
 
 
