@@ -51,10 +51,14 @@ def format_prompt(instruction: str, context: str = "") -> str:
     return ALPACA_TEMPLATE.format(instruction=instruction)
 
 
+def word_pattern(answer: str) -> str:
+    """The regular expression of ``answer`` as a whole word or phrase (not inside a longer word)."""
+    return r"(?<!\w)" + re.escape(answer) + r"(?!\w)"
+
+
 def names(text: str, answer: str, *, case_sensitive: bool = False) -> bool:
-    """Whether ``text`` names ``answer`` as a whole word or phrase (not inside a longer word)."""
-    pattern = r"(?<!\w)" + re.escape(answer) + r"(?!\w)"
-    return re.search(pattern, text, 0 if case_sensitive else re.IGNORECASE) is not None
+    """Whether ``text`` names ``answer`` as a whole word or phrase."""
+    return re.search(word_pattern(answer), text, 0 if case_sensitive else re.IGNORECASE) is not None
 
 
 @dataclass(frozen=True)

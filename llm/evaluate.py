@@ -42,7 +42,7 @@ from rouge_score import rouge_scorer
 from transformers import GenerationConfig
 from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
 
-from llm.data import MAX_PROMPT_TOKENS, Answers, Example, encode_generation_batch, load_jsonl
+from llm.data import MAX_PROMPT_TOKENS, Answers, Example, encode_generation_batch, load_jsonl, word_pattern
 from pbkd_ref.cli import ArgumentParser, refusing_bad_input
 
 SEEDS = (10, 20, 30, 40, 50)
@@ -93,7 +93,7 @@ def answer_accuracy(prediction: str, answers: Answers) -> float:
     flags = 0 if answers.case_sensitive else re.IGNORECASE
     spans = [(m.start(), m.end(), accepted)
              for candidates, accepted in ((answers.accepted, True), (answers.distractors, False))
-             for c in candidates for m in re.finditer(r"(?<!\w)" + re.escape(c) + r"(?!\w)", prediction, flags)]
+             for c in candidates for m in re.finditer(word_pattern(c), prediction, flags)]
     named = [accepted for start, end, accepted in spans
              if not any(s <= start and end <= e and (s, e) != (start, end) for s, e, _ in spans)]
     return 100.0 if any(named) and all(named) else 0.0

@@ -175,22 +175,25 @@ def load_data(cfg: TrainConfig) -> tuple[list[Example], list[Example], dict[str,
     return limit(train, d.num_train), valid, {name: limit(t, d.num_test) for name, t in tests.items()}
 
 
-def finetuned_teacher(cfg: TrainConfig, world: int, *, build: bool = True) -> str:
-    """The teacher the run distils from: ``cfg.teacher`` itself, or (``teacher_sft.steps > 0``) that
-    teacher fine-tuned on the training split by an ordinary ``sft`` run (seed 0, whatever the run's
-    seed: every seed distils the same teacher), built once under ``cache_dir/teacher_sft/<key>``
-    (resumed if it was cut short) and reused; returns its folder (``build=False``: only the folder
-    of ``checkpoints/best``, built or not)."""
+def _teacher_sft_folder(cfg: TrainConfig) -> Path:
+    """``cache_dir/teacher_sft/<key>``: the folder of the fine-tune of ``cfg``'s teacher."""
     t = cfg.teacher_sft
-    if not t.steps:
-        return cfg.teacher
     data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in ("num_test", "primary_test")}
     key = digest("teacher_sft", cfg.teacher, cfg.teacher_dtype, data, t.steps, t.lr, cfg.batch_size,
                  cfg.eval.select_by, cfg.eval.valid_seeds, cfg.eval.greedy, cfg.eval.max_new_tokens)
-    folder = Path(cfg.cache_dir) / "teacher_sft" / key
+    return Path(cfg.cache_dir) / "teacher_sft" / key
+
+
+def finetuned_teacher(cfg: TrainConfig, world: int) -> str:
+    """The teacher the run distils from: ``cfg.teacher`` itself, or (``teacher_sft.steps > 0``) that
+    teacher fine-tuned on the training split by an ordinary ``sft`` run (seed 0, whatever the run's
+    seed: every seed distils the same teacher), built once under ``cache_dir/teacher_sft/<key>``
+    (resumed if it was cut short) and reused; returns its folder."""
+    t = cfg.teacher_sft
+    if not t.steps:
+        return cfg.teacher
+    folder = _teacher_sft_folder(cfg)
     best = folder / "run" / "checkpoints" / "best"
-    if not build:
-        return str(best)
     if world > 1 and not (folder / "done.json").is_file():
         raise ValueError(f"the fine-tuned teacher {folder} is not built yet; build it once with a single-process "
                          "run of the same config (it is then reused)")
@@ -518,7 +521,7 @@ def teacher_sft_record(cfg: TrainConfig) -> dict | None:
     score, wall seconds), or None when there is none (teacher_sft.steps = 0, or not built yet)."""
     if not cfg.teacher_sft.steps:
         return None
-    done = Path(finetuned_teacher(cfg, 0, build=False)).parents[2] / "done.json"
+    done = _teacher_sft_folder(cfg) / "done.json"
     return json.loads(done.read_text()) if done.is_file() else None
 
 
