@@ -33,7 +33,7 @@ distil: $(STAMP)
 	$(PY) llm/train.py $(ARGS)
 
 # The five-seed baseline table of the README (figures/llm_methods.{json,md}), from the teacher's
-# fine-tune to the last run; resumable (run it again to continue), about 2 hours on 2 cores.
+# fine-tune to the last run; resumable (run it again to continue), 1 h 27 min measured on 2 cores.
 table: $(STAMP)
 	$(PY) -m llm.experiments --methods baselines --teacher-topk 32 max_steps=40 eval.every=20
 

@@ -550,7 +550,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS, metavar="SECTION",
                         help=f"what to measure, of {', '.join(SECTIONS)} (default all)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per measurement, after one warm-up")
-    parser.add_argument("--ks", type=int, nargs="+", default=[2, 4], help="samples per prompt (pbkd.samples_per_prompt)")
+    parser.add_argument("--ks", type=int, nargs="+", default=[2, 4], help="samples per prompt (pg.samples_per_prompt)")
     parser.add_argument("--prompts", type=int, default=8, help="prompts of one step (the testbed batch_size)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--cache-dir", type=Path, default=Path("cache"), help="the testbed's model and data cache")

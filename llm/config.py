@@ -150,8 +150,6 @@ class PbKDConfig:
     zeta: float = _field(1.0, "confidence radius zeta: the constraint is NLL_BT <= NLL_ref + zeta/|D|")
     lam_init: float = _field(1.0, "initial dual variable lam >= 0")
     dual_lr: float = _field(1.0, "step size of the projected dual ascent on lam")
-    samples_per_prompt: int = _field(2, "k student samples per prompt for the leave-one-out policy gradient (>= 2)")
-    seqkd_weight: float = _field(0.0, "weight of an optional seqkd term (cross-entropy on teacher responses)")
     mm_beta: float = _field(0.5, "beta mixing the off-policy (beta) and on-policy (1-beta) moments (mm_pbkd)")
     mm_student_gradient: str = _field(
         "sequence_loo",
@@ -159,6 +157,33 @@ class PbKDConfig:
         "or per_token_spec (the spec's per-token advantage; not the moment's exact gradient, see llm/objectives/preference_game.py)",
         choices=("sequence_loo", "per_token_spec"),
     )
+
+
+REWARD_NAMES = ("answer_accuracy", "rouge_l")
+"""The known rewards of the `bt_oracle` judge and of `rloo` (llm.judges.REWARDS)."""
+
+
+@dataclass
+class PolicyGradientConfig:
+    """The student step of `rloo`, `pbkd` and the on-policy part of `mm_pbkd` (spec llm.md section 2a;
+    llm/objectives/policy_gradient.py): k token-id rollouts per prompt, the reward minus beta_kl times
+    the sampled KL to a frozen pi_ref, whitened leave-one-out advantages, a PPO-clipped ratio with
+    token-mean normalisation over `ppo_epochs` optimiser steps per rollout batch, at its own rate."""
+
+    samples_per_prompt: int = _field(4, "k student rollouts per prompt (leave-one-out baseline over them; >= 2)")
+    lr: float = _field(1e-5, "the student's AdamW peak learning rate under these objectives, in place of optim.lr "
+                             "(policy-gradient rates are one to two orders below supervised ones)")
+    beta_kl: float = _field(0.05, "weight of the sampled KL(q_theta || pi_ref) subtracted from each rollout's reward")
+    reference: str = _field("initial", "frozen pi_ref of the KL penalty: the run's initial student (the warm start) "
+                                       "or the teacher", choices=("initial", "teacher"))
+    ppo_epochs: int = _field(2, "optimiser steps on each rollout batch (a new batch is drawn every ppo_epochs steps)")
+    clip_eps: float = _field(0.2, "PPO clip range of the importance ratio q_theta / q_old")
+    whiten: bool = _field(True, "whiten the leave-one-out advantages over the batch (mean 0, std 1)")
+    missing_eos_penalty: float = _field(1.0, "subtracted from the reward of a rollout that met no EOS (as TRL's)")
+    seqkd_weight: float = _field(0.0, "weight of an optional seqkd anchor (cross-entropy on the teacher responses)")
+    reward: str = _field("answer_accuracy", "rloo's known reward (the bt_oracle judge's reward of the same name)",
+                         choices=REWARD_NAMES)
+    reward_scale: float = _field(10.0, "rloo's reward scale (as the bt_oracle judge's reward_scale)")
 
 
 @dataclass
@@ -256,6 +281,7 @@ class TrainConfig:
     kd: KDConfig = _section(KDConfig, "token-level distribution matching")
     dpkd: DPKDConfig = _section(DPKDConfig, "DPKD")
     pbkd: PbKDConfig = _section(PbKDConfig, "PbKD and MM PbKD")
+    pg: PolicyGradientConfig = _section(PolicyGradientConfig, "the policy-gradient student step")
     online: OnlineConfig = _section(OnlineConfig, "rounds")
     data: DataConfig = _section(DataConfig, "data")
     generation: GenerationConfig = _section(GenerationConfig, "sampling during training")
@@ -403,11 +429,19 @@ def validate(cfg: TrainConfig) -> None:
     if not cfg.eval.valid_seeds or not cfg.eval.test_seeds:
         raise ValueError("eval.valid_seeds and eval.test_seeds must name at least one seed each")
     p = cfg.pbkd
-    if p.samples_per_prompt < 2 or p.pairs_per_round < 1 or p.bt_batch_size < 1 or p.adversary_steps < 0 or p.mle_steps < 0:
-        raise ValueError("pbkd needs samples_per_prompt >= 2, pairs_per_round >= 1, bt_batch_size >= 1 and "
+    if p.pairs_per_round < 1 or p.bt_batch_size < 1 or p.adversary_steps < 0 or p.mle_steps < 0:
+        raise ValueError("pbkd needs pairs_per_round >= 1, bt_batch_size >= 1 and "
                          f"adversary_steps, mle_steps >= 0; got {p}")
-    if min(p.zeta, p.lam_init, p.dual_lr, p.seqkd_weight) < 0 or not 0.0 <= p.mm_beta <= 1.0:
-        raise ValueError("pbkd.zeta, lam_init, dual_lr, seqkd_weight must be >= 0 and pbkd.mm_beta in [0, 1]")
+    if min(p.zeta, p.lam_init, p.dual_lr) < 0 or not 0.0 <= p.mm_beta <= 1.0:
+        raise ValueError("pbkd.zeta, lam_init, dual_lr must be >= 0 and pbkd.mm_beta in [0, 1]")
+    g = cfg.pg
+    if g.samples_per_prompt < 2 or g.ppo_epochs < 1 or not 0 < g.clip_eps < 1:
+        raise ValueError(f"pg needs samples_per_prompt >= 2 (leave-one-out baseline), ppo_epochs >= 1 and clip_eps "
+                         f"in (0, 1); got samples_per_prompt={g.samples_per_prompt}, ppo_epochs={g.ppo_epochs}, "
+                         f"clip_eps={g.clip_eps}")
+    if g.lr <= 0 or min(g.beta_kl, g.missing_eos_penalty, g.seqkd_weight) < 0 or g.reward_scale <= 0:
+        raise ValueError(f"pg.lr and pg.reward_scale must be > 0 and pg.beta_kl, missing_eos_penalty, seqkd_weight "
+                         f">= 0; got {g}")
     if p.rm_init == "pruned" and cfg.objective in ("pbkd", "mm_pbkd") and not p.rm_layers:
         raise ValueError("pbkd.rm_init=pruned needs pbkd.rm_layers=[i, j, ...] (teacher block indices to keep)")
     if cfg.stop_after < 0:

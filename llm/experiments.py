@@ -65,6 +65,7 @@ METHODS = {
     "srkl": ["objective=srkl"],
     "akl": ["objective=akl"],
     "dpkd": ["objective=dpkd"],
+    "rloo": ["objective=rloo"],
     "pbkd_offline": ["objective=pbkd", "online.rounds=1"],
     "pbkd_online": ["objective=pbkd", "online.rounds=4"],
     "mm_pbkd": ["objective=mm_pbkd", "online.rounds=4"],
@@ -182,6 +183,7 @@ def warm_start(steps: int, config: str, overrides: list[str], out_dir: str) -> t
     record = run_one(config, [*overrides, "objective=sft", f"max_steps={steps}", "seed=0", "eval.before=true"],
                      "warm-start", out_dir)
     best = (Path(out_dir) / record["run_dir"] / "checkpoints" / "best").resolve()
+    best = best.relative_to(Path.cwd()) if best.is_relative_to(Path.cwd()) else best  # the figures name no machine path
     return ["student_init=pretrained", f"student={best}", "eval.before=false"], record
 
 

@@ -59,6 +59,10 @@ __all__ = [
     "pbkd_adversary_loss",
     "dual_ascent",
     "leave_one_out_pg_loss",
+    "group_advantages",
+    "kl_penalised_rewards",
+    "PPOOutput",
+    "ppo_clipped_loss",
     "q_moment_on_policy",
     "q_moment_off_policy",
     "induced_sequence_reward",
@@ -836,6 +840,84 @@ def leave_one_out_pg_loss(logp_samples: Tensor, rewards: Tensor) -> Tensor:
     baseline = (r.sum(dim=1, keepdim=True) - r) / (k - 1)
     advantage = r - baseline
     return -(advantage * logp).mean()
+
+
+# --------------------------------------------------------------------------------------
+# The stabilised student step (spec llm.md section 2a): KL-penalised rewards, whitened
+# leave-one-out advantages, a PPO-clipped ratio with token-mean normalisation
+# --------------------------------------------------------------------------------------
+
+
+def group_advantages(rewards: Tensor, whiten: bool = True, eps: float = 1e-6) -> Tensor:
+    """Leave-one-out advantages of ``k`` samples per prompt, whitened over the batch (as TRL's RLOO).
+
+    ``rewards`` ``(P, k)``: ``A_ij = R_ij - (1/(k-1)) sum_{l != j} R_il``; with ``whiten`` the
+    advantages are then ``(A - mean(A)) / (std(A) + eps)`` over all ``P k`` entries (``std`` with
+    Bessel's correction; a batch whose advantages are all 0 stays 0). Constants: no gradient."""
+    if not isinstance(rewards, Tensor) or rewards.dim() != 2:
+        raise ValueError("rewards must have shape (prompts, samples per prompt)")
+    k = rewards.shape[1]
+    if k < 2:
+        raise ValueError(f"the leave-one-out baseline needs k >= 2 samples per prompt, got k = {k}")
+    r = _as_float(rewards.detach())
+    if not bool(torch.isfinite(r).all()):
+        raise ValueError("rewards must be finite")
+    advantage = r - (r.sum(dim=1, keepdim=True) - r) / (k - 1)
+    if whiten and advantage.numel() > 1:
+        advantage = (advantage - advantage.mean()) / (advantage.std() + eps)
+    return advantage
+
+
+def kl_penalised_rewards(rewards: Tensor, sampler_logp: Tensor, reference_logp: Tensor, mask: Tensor,
+                         beta_kl: float) -> tuple[Tensor, Tensor]:
+    """``(R, kl)``: ``R_i = r_i - beta_kl * kl_i`` with the sampled-sequence KL estimate
+    ``kl_i = sum_h mask (log q_old(y_h|s_h) - log pi_ref(y_h|s_h))`` (``(N, K)`` inputs, ``(N,)`` rewards)."""
+    mask = _check_mask(mask, tuple(sampler_logp.shape))
+    if tuple(reference_logp.shape) != tuple(sampler_logp.shape) or tuple(rewards.shape) != (sampler_logp.shape[0],):
+        raise ValueError(f"reference_logp must have the shape of sampler_logp {tuple(sampler_logp.shape)} and "
+                         f"rewards shape ({sampler_logp.shape[0]},); got {tuple(reference_logp.shape)} and "
+                         f"{tuple(rewards.shape)}")
+    if beta_kl < 0 or not math.isfinite(beta_kl):
+        raise ValueError(f"beta_kl must be a finite number >= 0, got {beta_kl}")
+    diff = _as_float(sampler_logp.detach()) - _as_float(reference_logp.detach())
+    kl = torch.where(mask > 0, diff * mask, torch.zeros_like(diff)).sum(-1)
+    return _as_float(rewards.detach()) - beta_kl * kl, kl
+
+
+@dataclass
+class PPOOutput:
+    loss: Tensor  # sum over response tokens of the clipped surrogate / normaliser (with gradient)
+    clip_fraction: Tensor  # share of response tokens where the clipped term is the active one
+    ratio_mean: Tensor  # mean importance ratio q_theta / q_old over response tokens
+
+
+def ppo_clipped_loss(token_logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, clip_eps: float,
+                     normaliser: Tensor | float | None = None) -> PPOOutput:
+    """PPO's clipped surrogate with a sequence advantage broadcast to its tokens, token-mean normalised.
+
+    ``token_logp`` ``(N, K)`` (with gradient) and ``old_logp`` (the sampling policy's, constants)
+    are per-token log-probs, ``advantages`` ``(N,)``. Per token ``rho = exp(logp - old)``,
+    ``l = -min(rho A, clip(rho, 1 - eps, 1 + eps) A)``; loss ``sum mask l / normaliser``, where
+    ``normaliser`` defaults to ``mask.sum()`` (pass the whole batch's token count to split a
+    batch into micro-batches)."""
+    mask = _check_mask(mask, tuple(token_logp.shape))
+    if tuple(old_logp.shape) != tuple(token_logp.shape) or tuple(advantages.shape) != (token_logp.shape[0],):
+        raise ValueError(f"old_logp must have the shape of token_logp {tuple(token_logp.shape)} and advantages "
+                         f"shape ({token_logp.shape[0]},); got {tuple(old_logp.shape)} and {tuple(advantages.shape)}")
+    if not (0 < clip_eps < 1):
+        raise ValueError(f"clip_eps must lie in (0, 1), got {clip_eps}")
+    logp = _as_float(token_logp)
+    ratio = torch.exp(logp - _as_float(old_logp.detach()))
+    a = _as_float(advantages.detach())[:, None]
+    unclipped, clipped = ratio * a, ratio.clamp(1 - clip_eps, 1 + clip_eps) * a
+    per_token = -torch.minimum(unclipped, clipped)
+    weights = mask.to(per_token.dtype)
+    total = torch.where(weights > 0, per_token * weights, torch.zeros_like(per_token)).sum()
+    normaliser = weights.sum() if normaliser is None else normaliser
+    on = weights > 0
+    return PPOOutput(loss=total / normaliser,
+                     clip_fraction=((clipped < unclipped) & on).sum() / on.sum().clamp(min=1),
+                     ratio_mean=(ratio.detach() * weights).sum() / weights.sum().clamp(min=1))
 
 
 # --------------------------------------------------------------------------------------

@@ -146,14 +146,22 @@ class RewardModel(nn.Module):
             torch.manual_seed(seed)
             return cls(lm, bound=bound)
 
-    def raw_rewards(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """The unbounded head output at each row's last token, shape ``(B,)``, checked finite."""
+    def features(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """``h_last``: the backbone's final hidden state at each row's last token, shape ``(B, width)``."""
         mask = _check_batch(input_ids, attention_mask)
         hidden = self.backbone(input_ids=input_ids, attention_mask=mask,
                                position_ids=position_ids_from_mask(mask)).last_hidden_state
-        last = last_token_index(mask)
-        h_last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        raw = self.head(h_last).squeeze(-1).float()
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(mask)]
+
+    def head_rewards(self, features: Tensor) -> Tensor:
+        """Bounded rewards from features (``B tanh(head(h) / B)``), shape ``(B,)``, the raw output checked finite."""
+        raw = self.head(features.to(self.head.weight.dtype)).squeeze(-1).float()
+        _raise_non_finite("reward model r_phi", raw, torch.ones_like(raw, dtype=torch.bool))
+        return bounded(raw, self.bound)
+
+    def raw_rewards(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """The unbounded head output at each row's last token, shape ``(B,)``, checked finite."""
+        raw = self.head(self.features(input_ids, attention_mask)).squeeze(-1).float()
         _raise_non_finite("reward model r_phi", raw, torch.ones_like(raw, dtype=torch.bool))
         return raw
 

@@ -89,7 +89,7 @@ from llm.models import (
     pruned_student,
     small_config_like,
 )
-from llm.objectives.base import OBJECTIVES, Objective, build_objective
+from llm.objectives.base import OBJECTIVES, Objective, build_objective, objective_class
 from llm.rollout import teacher_responses
 from llm.run import Run, TrainState, chunks, digest, global_batch_indices, local_batch_indices, validate
 from llm.teacher_topk import teacher_topk_cache
@@ -317,6 +317,10 @@ def setup(cfg: TrainConfig, *, resume: bool = False):
     # and student then score in their own tokens
     shared = not check_vocabularies(teacher_tokenizer, tokenizer, teacher, student, cfg.objective)
     tied = tied_parameter_names(student)
+    policy_gradient = objective_class(cfg.objective).policy_gradient
+    reference = None
+    if policy_gradient and cfg.pg.reference == "initial":  # pi_ref: the student as the run starts it, before any step
+        reference = copy.deepcopy(student).eval().requires_grad_(False).to(accelerator.device)
     if resume:
         load_weights(student, folder, tied)
     replica = None
@@ -325,7 +329,7 @@ def setup(cfg: TrainConfig, *, resume: bool = False):
 
     o = cfg.optim
     make_optimizer = lambda params: torch.optim.AdamW(  # noqa: E731
-        params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
+        params, lr=cfg.pg.lr if policy_gradient else o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
     if cfg.distributed == "deepspeed":  # DeepSpeed wraps model and optimiser together
         adamw = make_optimizer(student.parameters())
         student, optimizer = accelerator.prepare(student, adamw)
@@ -337,7 +341,8 @@ def setup(cfg: TrainConfig, *, resume: bool = False):
 
     # the run's caches (teacher responses, top-k, evaluations) key on the teacher it really uses
     run = Run(dataclasses.replace(cfg, teacher=teacher_path), accelerator, teacher, teacher_tokenizer, student,
-              tokenizer, shared, train_data, valid_data, test_sets, run_dir, Path(cfg.cache_dir), tied, replica)
+              tokenizer, shared, train_data, valid_data, test_sets, run_dir, Path(cfg.cache_dir), tied, replica,
+              reference)
     objective = build_objective(run)
     state, rng_to_restore = TrainState(), None
     if resume:

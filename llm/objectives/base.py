@@ -28,6 +28,7 @@ REGISTRY = {
     "seqkd": "token_level:SeqKD",
     **{name: "token_level:TokenKD" for name in DIVERGENCE_OBJECTIVES},
     "dpkd": "dpkd:DPKD",
+    "rloo": "policy_gradient:RLOO",
     "pbkd": "preference_game:PbKD",
     "mm_pbkd": "preference_game:MMPbKD",
 }
@@ -69,6 +70,7 @@ class Objective:
     in `teacher_cache`, by prompt."""
 
     uses_teacher_responses = False
+    policy_gradient = False  # trained by llm.objectives.policy_gradient.StudentStep, at pg.lr against a frozen pi_ref
 
     def __init__(self, run: Run):
         self.run = run

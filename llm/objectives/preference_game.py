@@ -5,13 +5,15 @@ Two objectives, each in one class:
 * :class:`PbKD` (``objective=pbkd``, black-box, Algorithms 1-2). A reward model ``r_phi(x, y)``
   (:class:`llm.reward_model.RewardModel`, bounded ``B tanh(raw/B)``) plays the adversary inside
   the confidence set around the MLE of the Bradley-Terry likelihood on the preference data D,
-  through the Lagrangian of :func:`llm.losses.pbkd_adversary_loss`; each optimiser step is
+  through the Lagrangian of :func:`llm.losses.pbkd_adversary_loss`. Every rollout batch (drawn
+  every ``pg.ppo_epochs`` steps, k = ``pg.samples_per_prompt`` rollouts per prompt) is
 
       for K_adv adversary steps:   phi <- phi - eta grad [ -(E_{y~p} r_phi - E_{y~q} r_phi)
                                                           + lam (NLL_BT(phi; D) - NLL_ref - zeta/|D|) ]
                                    lam <- max(0, lam + eta_lam (NLL_BT - NLL_ref - zeta/|D|))
-      student:                     theta <- theta - eta grad leave_one_out_pg_loss(log q(y_ij|x_i), r_phi(x_i, y_ij))
-                                   (+ pbkd.seqkd_weight * cross-entropy on teacher responses)
+      student, ppo_epochs steps:   the stabilised step of llm.objectives.policy_gradient.StudentStep
+                                   on the rewards r_phi(x_i, y_ij) (KL to pi_ref, whitened
+                                   leave-one-out advantages, PPO clip, pg.lr, optional seqkd anchor)
 
 * :class:`MMPbKD` (``objective=mm_pbkd``, white-box, Algorithm 3). A Q-head ``f_phi(s, .)``
   (:class:`llm.reward_model.QHead`) replaces the reward model; its induced sequence reward
@@ -61,6 +63,7 @@ from llm.evaluate import has_answers
 from llm.judges import PreferenceQuery, make_judge
 from llm.models import pruned_student, small_config_like
 from llm.objectives.base import Objective
+from llm.objectives.policy_gradient import StudentStep
 from llm.preference_store import PreferenceStore
 from llm.reward_model import NonFiniteRewardError, QHead, RewardModel
 from llm.rollout import Rollout, encode_rollout, encode_teacher_responses, student_rollouts
@@ -82,8 +85,6 @@ class _PreferenceGame(Objective):
         if run.world > 1:
             raise ValueError(f"objective={run.cfg.objective} runs in one process (its adversary is not sharded); "
                              "launch without torchrun / distributed=none")
-        if p.samples_per_prompt < 2:
-            raise ValueError(f"pbkd.samples_per_prompt must be >= 2 (leave-one-out baseline), got {p.samples_per_prompt}")
         self.p = p
         self.adversary = self.build_adversary().to(run.device)
         self.adversary_optimizer = torch.optim.AdamW(self.adversary.parameters(), lr=p.adversary_lr)
@@ -257,7 +258,7 @@ class _PreferenceGame(Objective):
 
     def student_samples(self, examples, step: int) -> Rollout:
         """k rollouts of the current student per prompt (consecutive rows)."""
-        return student_rollouts(self.run, examples, seed=self.cfg.seed * 7919 + step, k=self.p.samples_per_prompt)
+        return student_rollouts(self.run, examples, seed=self.cfg.seed * 7919 + step, k=self.cfg.pg.samples_per_prompt)
 
     def rollout_batches(self, examples, step: int):
         """(the student rollouts, their batch S_all, the teacher responses' batch T_all) of a step."""
@@ -266,7 +267,7 @@ class _PreferenceGame(Objective):
 
     def micro_batch(self, part, sl: slice, y_S: Rollout) -> dict:
         """The student rollouts S and teacher responses T of one micro-batch (prompts `sl` of the step)."""
-        k, run = self.p.samples_per_prompt, self.run
+        k, run = self.cfg.pg.samples_per_prompt, self.run
         S = encode_rollout(run, y_S[sl.start * k : sl.stop * k])
         T = encode_teacher_responses(run, part, self.teacher_cache)
         return {"S": S, "T": T, "counts": {"prompts": torch.tensor(len(part), device=run.device),
@@ -280,9 +281,9 @@ class _PreferenceGame(Objective):
     def finish_loss(self, loss, metrics: dict, micro, totals, w: float) -> tuple[torch.Tensor, dict]:
         """The student loss of a micro-batch plus the optional seqkd term; the step's adversary
         diagnostics (weighted by the micro-batch's share w) and the total loss join the metrics."""
-        if self.p.seqkd_weight > 0:
+        if self.cfg.pg.seqkd_weight > 0:
             sk = self.seqkd_term(micro, totals)
-            loss = loss + self.p.seqkd_weight * sk
+            loss = loss + self.cfg.pg.seqkd_weight * sk
             metrics["seqkd_loss"] = float(sk.detach())
         metrics |= {k: v * w for k, v in self.step_adversary.items()}
         metrics["loss"] = float(loss.detach())
@@ -309,9 +310,17 @@ class _PreferenceGame(Objective):
 
 
 class PbKD(_PreferenceGame):
-    """``pbkd``: reward model r_phi vs student, Lagrangian adversary + leave-one-out policy gradient."""
+    """``pbkd``: reward model r_phi vs student. At the first step of every rollout batch the adversary
+    takes its ``pbkd.adversary_steps`` Lagrangian steps on the batch's rollouts, then scores them;
+    the student trains on those rewards by the stabilised step of section 2a
+    (:class:`llm.objectives.policy_gradient.StudentStep`) for ``pg.ppo_epochs`` steps."""
 
     adversary_name = "reward model r_phi"
+    policy_gradient = True
+
+    def __init__(self, run: Run):
+        super().__init__(run)
+        self.student_step = StudentStep(run)
 
     def build_adversary(self):
         return RewardModel(self.backbone(), bound=self.p.reward_bound)
@@ -319,9 +328,10 @@ class PbKD(_PreferenceGame):
     def sequence_rewards(self, batch):
         return self.adversary(batch["input_ids"], batch["attention_mask"])
 
-    def make_batch(self, examples, step):
-        k, size = self.p.samples_per_prompt, self.run.micro_batch_size
-        y_S, S_all, T_all = self.rollout_batches(examples, step)
+    def rollout_rewards(self, examples: list[Example], y_S: Rollout, step: int) -> torch.Tensor:
+        """The adversary's steps on this batch (teacher responses against the rollouts), then r_phi of each rollout."""
+        S_all = encode_rollout(self.run, y_S)
+        T_all = encode_teacher_responses(self.run, examples, self.teacher_cache)
 
         def lagrangian(nll):  # -(E_p r_phi - E_q r_phi) + lam (NLL_BT - NLL_ref - zeta/|D|)
             r_T, r_S = self.sequence_rewards(T_all), self.sequence_rewards(S_all)
@@ -331,23 +341,27 @@ class PbKD(_PreferenceGame):
         self.adversary_update(lagrangian, step)
         with torch.no_grad():
             self.adversary.eval()
-            rewards = self.guarded(self.sequence_rewards, S_all).view(len(examples), k)
-            r_T = self.guarded(self.sequence_rewards, T_all)
-        micros = []
-        for i, part in enumerate(chunks(examples, size)):
-            sl = slice(i * size, i * size + len(part))
-            micros.append({**self.micro_batch(part, sl, y_S), "rewards": rewards[sl], "r_T": r_T[sl]})
-        return micros
+            rewards = self.guarded(self.sequence_rewards, S_all)
+            self.step_adversary["reward_teacher"] = float(self.guarded(self.sequence_rewards, T_all).mean())
+        return rewards
+
+    def make_batch(self, examples, step):
+        self.student_step.current(examples, step, self.rollout_rewards)
+        return self.student_step.micro_batches(self.teacher_cache)
 
     def loss(self, micro, totals, diagnostics):
-        run, S, k = self.run, micro["S"], self.p.samples_per_prompt
+        loss, metrics = self.student_step.loss(micro, totals)
         w = float(micro["counts"]["prompts"] / totals["prompts"])
-        logp = losses.sequence_log_prob(logits_of(run.student, S, run), S["labels"], S["response_mask"])
-        pg = losses.leave_one_out_pg_loss(logp.view(-1, k), micro["rewards"]) * w
-        metrics = {"pg_loss": float(pg.detach()), "reward_student": float(micro["rewards"].mean()) * w,
-                   "reward_teacher": float(micro["r_T"].mean()) * w,
-                   "student_logp_own": float(logp.detach().mean()) * w}
-        return self.finish_loss(pg, metrics, micro, totals, w)
+        return loss, metrics | {k: v * w for k, v in self.step_adversary.items()}
+
+    def state_dict(self):
+        return super().state_dict() | {"student_step": self.student_step.state_dict(),
+                                       "step_adversary": json.dumps(self.step_adversary)}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.student_step.load_state_dict(state.get("student_step", {}))
+        self.step_adversary = json.loads(state.get("step_adversary", "{}"))
 
 
 class MMPbKD(_PreferenceGame):
@@ -409,7 +423,7 @@ class MMPbKD(_PreferenceGame):
         return micros
 
     def loss(self, micro, totals, diagnostics):
-        run, S, T, k, beta = self.run, micro["S"], micro["T"], self.p.samples_per_prompt, self.p.mm_beta
+        run, S, T, k, beta = self.run, micro["S"], micro["T"], self.cfg.pg.samples_per_prompt, self.p.mm_beta
         w = float(micro["counts"]["prompts"] / totals["prompts"])
         q_T = torch.softmax(logits_of(run.student, T, run).float(), -1)
         s_logits = logits_of(run.student, S, run)

@@ -42,7 +42,7 @@ def test_comparison_table_is_the_runs_from_one_warm_start_and_reuses_finished_ru
         for seed in (1, 2, 3):
             run_dir = out / f"{method}-seed{seed}"
             cfg = json.loads((run_dir / "config.json").read_text())
-            assert cfg["student_init"] == "pretrained" and Path(cfg["student"]) == warm_best
+            assert cfg["student_init"] == "pretrained" and Path(cfg["student"]).resolve() == warm_best
             assert cfg["seed"] == seed and cfg["max_steps"] == 2 and cfg["eval"]["before"] is False
             scores.append(_after(run_dir)["exact_match"])
         summary = rows[method]["scores"]["test"]

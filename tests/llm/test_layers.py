@@ -21,6 +21,7 @@ LAYERS = [
     {"llm.run"},
     {"llm.rollout", "llm.checkpoint"},
     {"llm.teacher_topk"},
+    {"llm.objectives.policy_gradient"},
     {"llm.objectives.token_level", "llm.objectives.dpkd", "llm.objectives.preference_game"},
     {"llm.train"},
     {"llm.experiments", "llm.bridge", "llm.bench"},

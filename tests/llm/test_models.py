@@ -145,7 +145,7 @@ def test_check_vocabularies(gpt2_tok, saved_tiny):
         assert repr(objective) in message
         assert "gpt2-tokenizer" in message and "toy-word-level" in message  # names both vocabularies
         assert f"{GPT2_VOCAB} tokens" in message and f"{len(other_tok)} tokens" in message
-        assert "sft, seqkd, dpkd, pbkd" in message  # and what still works
+        assert "sft, seqkd, dpkd, rloo, pbkd" in message  # and what still works
     for objective in TEXT_LEVEL_OBJECTIVES:  # allowed, and told the vocabularies are not shared
         problems = check_vocabularies(gpt2_tok, other_tok, gpt2_model, other_model, objective)
         assert [p.split(" (")[0].split(":")[0] for p in problems] == ["the tokenizers differ", "the logits widths differ"]

@@ -74,7 +74,7 @@ def test_pbkd_offline_builds_D_once_and_lam_follows_dual_ascent(assets, tmp_path
     lams = [0.5] + [r["lam"] for r in train]
     assert any(abs(a - b) > 1e-6 for a, b in zip(lams, lams[1:])), "lam never moved"
     for r in train:
-        assert set(r) >= {"reward_gap", "bt_nll", "bt_bound", "nll_ref", "pg_loss", "reward_student"}
+        assert set(r) >= {"reward_gap", "bt_nll", "bt_bound", "nll_ref", "pg_loss", "reward", "kl_ref", "clip_fraction"}
     assert out["results"] is not None
 
 
@@ -153,9 +153,9 @@ def test_kill_between_labelling_and_training_then_resume_loses_and_duplicates_no
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["objective=pbkdd"], "valid choices: ['sft', 'seqkd', 'fkl', 'rkl', 'jsd', 'skl', 'srkl', 'akl', 'dpkd', 'pbkd', 'mm_pbkd']"),
+    (["objective=pbkdd"], "valid choices: ['sft', 'seqkd', 'fkl', 'rkl', 'jsd', 'skl', 'srkl', 'akl', 'dpkd', 'rloo', 'pbkd', 'mm_pbkd']"),
     (["pbkd.judge=gpt5"], f"valid choices: {list(JUDGES)}"),
-    (["pbkd.samples_per_prompt=1"], "samples_per_prompt >= 2"),
+    (["pg.samples_per_prompt=1"], "samples_per_prompt >= 2"),
     (["pbkd.rm_init=pruned"], "needs pbkd.rm_layers"),
     (["pbkd.mm_student_gradient=exact"], "valid choices: ['sequence_loo', 'per_token_spec']"),
 ])
