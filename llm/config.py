@@ -126,14 +126,16 @@ class PbKDConfig:
 
     judge: str = _field("bt_oracle", "judge labelling the preference pairs (spec section 3)", choices=JUDGE_NAMES)
     judge_options: dict = _field({}, "keyword options of the judge, e.g. {reward_scale: 10} (bt_oracle) or {model: ...} (llm)")
-    pairs_per_round: int = _field(32, "prompts labelled per round (offline: the whole preference set D)")
+    pairs_per_round: int = _field(32, "prompts labelled per round, each teacher response against every one of its "
+                                      "pg.samples_per_prompt student samples (offline: the whole of D)")
     offline_response: str = _field(
         "student", "offline D pairs the teacher response with the initial student's sample or the gold reference",
         choices=("student", "reference"),
     )
     rm_init: str = _field(
-        "fresh", "adversary backbone: fresh (random, `rm_config` size) or pruned (the teacher's `rm_layers`)",
-        choices=("fresh", "pruned"),
+        "fresh", "adversary backbone: fresh (random, `rm_config` size), pruned (the teacher's `rm_layers`) or "
+        "student (a copy of the run's initial student, e.g. the warm start)",
+        choices=("fresh", "pruned", "student"),
     )
     rm_config: dict = _field(
         {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4},
@@ -142,11 +144,20 @@ class PbKDConfig:
     rm_layers: list = _field([], "teacher block indices kept by rm_init=pruned")
     reward_bound: float = _field(5.0, "B of the bounded reward r_phi = B tanh(raw/B) (pbkd)")
     q_bound: float = _field(1.0, "bound of the Q-head f_phi = B tanh(raw/B) (mm_pbkd)")
-    adversary_lr: float = _field(1e-4, "AdamW learning rate of the adversary steps")
-    adversary_steps: int = _field(1, "K_adv: adversary steps (each followed by dual ascent) per student step")
-    mle_lr: float = _field(1e-3, "learning rate of the MLE warm start on the BT likelihood")
-    mle_steps: int = _field(30, "MLE warm-start steps on D at the start of every round (gives NLL_ref)")
-    bt_batch_size: int = _field(16, "preference pairs per BT-likelihood minibatch")
+    adversary_lr: float = _field(1e-3, "AdamW learning rate of the adversary steps")
+    adversary_weight_decay: float = _field(0.01, "AdamW weight decay of the adversary (its MLE warm start too)")
+    timescale: str = _field(
+        "refit", "the adversary's timescale (pbkd): refit (at each round start, `refit_steps` Lagrangian steps "
+        "against the round's labelled student samples, then frozen for the round) or inner (`adversary_steps` "
+        "Lagrangian steps on every rollout batch before the student trains on it)", choices=("refit", "inner"))
+    refit_steps: int = _field(200, "Lagrangian steps of the per-round refit (timescale=refit)")
+    adversary_steps: int = _field(10, "K_adv: adversary steps (each followed by dual ascent) per rollout batch "
+                                      "(pbkd timescale=inner) or per student step (mm_pbkd)")
+    heldout_fraction: float = _field(0.1, "share of D held out of the MLE and the constraint, to report how the "
+                                          "reward model generalises (pbkd)")
+    mle_lr: float = _field(1e-2, "learning rate of the MLE warm start on the BT likelihood")
+    mle_steps: int = _field(200, "MLE warm-start steps on D at the start of every round (gives NLL_ref)")
+    bt_batch_size: int = _field(16, "preference pairs per BT-likelihood minibatch (mm_pbkd; pbkd uses all of D)")
     zeta: float = _field(1.0, "confidence radius zeta: the constraint is NLL_BT <= NLL_ref + zeta/|D|")
     lam_init: float = _field(1.0, "initial dual variable lam >= 0")
     dual_lr: float = _field(1.0, "step size of the projected dual ascent on lam")
@@ -432,8 +443,11 @@ def validate(cfg: TrainConfig) -> None:
     if p.pairs_per_round < 1 or p.bt_batch_size < 1 or p.adversary_steps < 0 or p.mle_steps < 0:
         raise ValueError("pbkd needs pairs_per_round >= 1, bt_batch_size >= 1 and "
                          f"adversary_steps, mle_steps >= 0; got {p}")
-    if min(p.zeta, p.lam_init, p.dual_lr) < 0 or not 0.0 <= p.mm_beta <= 1.0:
-        raise ValueError("pbkd.zeta, lam_init, dual_lr must be >= 0 and pbkd.mm_beta in [0, 1]")
+    if min(p.zeta, p.lam_init, p.dual_lr, p.adversary_weight_decay, p.refit_steps) < 0 or not 0.0 <= p.mm_beta <= 1.0:
+        raise ValueError("pbkd.zeta, lam_init, dual_lr, adversary_weight_decay, refit_steps must be >= 0 and "
+                         "pbkd.mm_beta in [0, 1]")
+    if not 0.0 <= p.heldout_fraction < 0.5:
+        raise ValueError(f"pbkd.heldout_fraction must lie in [0, 0.5), got {p.heldout_fraction}")
     g = cfg.pg
     if g.samples_per_prompt < 2 or g.ppo_epochs < 1 or not 0 < g.clip_eps < 1:
         raise ValueError(f"pg needs samples_per_prompt >= 2 (leave-one-out baseline), ppo_epochs >= 1 and clip_eps "

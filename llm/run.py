@@ -54,7 +54,7 @@ class Run:
     cache_dir: Path
     tied_parameter_names: list  # parameters that alias another (tied embeddings), not saved twice
     replica: torch.nn.Module | None = None  # full-weight copy for sampling when the engine shards weights
-    reference: torch.nn.Module | None = None  # frozen copy of the initial student (pi_ref of pg.reference=initial)
+    initial_student: torch.nn.Module | None = None  # frozen copy of the student as the run starts (policy-gradient objectives)
 
     @property
     def rank(self) -> int:

@@ -318,9 +318,9 @@ def setup(cfg: TrainConfig, *, resume: bool = False):
     shared = not check_vocabularies(teacher_tokenizer, tokenizer, teacher, student, cfg.objective)
     tied = tied_parameter_names(student)
     policy_gradient = objective_class(cfg.objective).policy_gradient
-    reference = None
-    if policy_gradient and cfg.pg.reference == "initial":  # pi_ref: the student as the run starts it, before any step
-        reference = copy.deepcopy(student).eval().requires_grad_(False).to(accelerator.device)
+    initial = None  # pi_ref of pg.reference=initial and the backbone of pbkd.rm_init=student: the student before any step
+    if policy_gradient:
+        initial = copy.deepcopy(student).eval().requires_grad_(False).to(accelerator.device)
     if resume:
         load_weights(student, folder, tied)
     replica = None
@@ -342,7 +342,7 @@ def setup(cfg: TrainConfig, *, resume: bool = False):
     # the run's caches (teacher responses, top-k, evaluations) key on the teacher it really uses
     run = Run(dataclasses.replace(cfg, teacher=teacher_path), accelerator, teacher, teacher_tokenizer, student,
               tokenizer, shared, train_data, valid_data, test_sets, run_dir, Path(cfg.cache_dir), tied, replica,
-              reference)
+              initial)
     objective = build_objective(run)
     state, rng_to_restore = TrainState(), None
     if resume:

@@ -51,7 +51,7 @@ class StudentStep:
                                  "share a vocabulary; use pg.reference=initial")
             self.reference = run.teacher
         else:
-            self.reference = run.reference
+            self.reference = run.initial_student
         self.batch: dict | None = None  # the current rollout batch (see draw)
 
     def rollout_step(self, step: int) -> int:

@@ -2,18 +2,15 @@
 
 Two objectives, each in one class:
 
-* :class:`PbKD` (``objective=pbkd``, black-box, Algorithms 1-2). A reward model ``r_phi(x, y)``
-  (:class:`llm.reward_model.RewardModel`, bounded ``B tanh(raw/B)``) plays the adversary inside
-  the confidence set around the MLE of the Bradley-Terry likelihood on the preference data D,
-  through the Lagrangian of :func:`llm.losses.pbkd_adversary_loss`. Every rollout batch (drawn
-  every ``pg.ppo_epochs`` steps, k = ``pg.samples_per_prompt`` rollouts per prompt) is
-
-      for K_adv adversary steps:   phi <- phi - eta grad [ -(E_{y~p} r_phi - E_{y~q} r_phi)
-                                                          + lam (NLL_BT(phi; D) - NLL_ref - zeta/|D|) ]
-                                   lam <- max(0, lam + eta_lam (NLL_BT - NLL_ref - zeta/|D|))
-      student, ppo_epochs steps:   the stabilised step of llm.objectives.policy_gradient.StudentStep
-                                   on the rewards r_phi(x_i, y_ij) (KL to pi_ref, whitened
-                                   leave-one-out advantages, PPO clip, pg.lr, optional seqkd anchor)
+* :class:`PbKD` (``objective=pbkd``, black-box, Algorithms 1-2). A reward model
+  ``r_theta(x, y) = B tanh(<theta, phi(x, y)> / B)`` -- a bounded linear head on the features of a
+  frozen pretrained backbone (:class:`llm.reward_model.RewardModel`) -- plays the adversary inside
+  the confidence set around the MLE of the Bradley-Terry likelihood on the whole of D, through the
+  Lagrangian of :func:`llm.losses.pbkd_adversary_loss` with dual ascent on ``lam``, refit once a
+  round (``pbkd.timescale=refit``) or stepped on every rollout batch (``inner``); the student
+  trains on its rewards by the stabilised step of :mod:`llm.objectives.policy_gradient` (k
+  token-id rollouts per prompt, KL to a frozen pi_ref, whitened leave-one-out advantages, PPO
+  clip, ``pg.lr``). See :class:`PbKD`.
 
 * :class:`MMPbKD` (``objective=mm_pbkd``, white-box, Algorithm 3). A Q-head ``f_phi(s, .)``
   (:class:`llm.reward_model.QHead`) replaces the reward model; its induced sequence reward
@@ -22,18 +19,22 @@ Two objectives, each in one class:
 
 Preference data D (spec section 3) -- ``online.rounds`` decides the mode:
 
-* offline (``online.rounds=1``): D is built once, at the start: ``pbkd.pairs_per_round``
-  prompts, the teacher's response ``tau0`` against the gold reference or an initial student
-  sample ``tau1`` (``pbkd.offline_response``), labelled by the judge ``pbkd.judge``.
+* offline (``online.rounds=1``): D is built once, at the start: for ``pbkd.pairs_per_round``
+  prompts, the teacher's response ``tau0`` against each of ``pg.samples_per_prompt`` initial
+  student samples ``tau1`` (or against the gold reference, ``pbkd.offline_response``), labelled
+  by the judge ``pbkd.judge``.
 * online (``online.rounds=T``): at the start of round t the teacher's and the *current*
   student's responses to the round's prompts are labelled and appended to the preference store
-  (``<run_dir>/preferences.jsonl``) in one batch; then the adversary is re-fitted by MLE on the
-  grown D (``NLL_ref`` recorded) and training goes on. A run killed after labelling and
-  resumed finds the round in the store and reuses it: no record is lost or duplicated.
+  (``<run_dir>/preferences.jsonl``) in one batch; then the adversary is re-fitted on the grown D
+  (``NLL_ref`` recorded) and training goes on. A run killed after labelling and resumed finds
+  the round in the store and reuses it: no record is lost or duplicated.
 
 Every round writes one line to ``<run_dir>/rounds.jsonl`` (and prints it): the validation
-Rouge-L of the student entering the round, |D|, the judge's statistics, ``NLL_ref``, the BT NLL
-against its bound ``NLL_ref + zeta/|D|``, the dual variable ``lam`` and the reward gap.
+scores of the student entering the round, |D|, the judge's statistics and the adversary's fit
+(``pbkd``: |D_fit|, ``NLL_ref``, and under ``refit`` the BT NLL after the refit against its bound
+``NLL_ref + zeta/|D_fit|``, ``lam``, the share of refit steps with ``lam > 0`` and the reward gap;
+the held-out part's NLL and accuracy). Every step logs the adversary's last values beside the
+student step's.
 
 Student gradient of ``mm_pbkd`` (``pbkd.mm_student_gradient``). The on-policy moment of a
 student rollout telescopes, ``sum_h [<p, f>(s_h) - f(s_h, y_h)] = <p, f>(s_0) - r_f(tau)``, so its
@@ -51,9 +52,11 @@ Both objectives run in one process (``distributed=none``): the adversary is not 
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
+import zlib
 
 import torch
 
@@ -74,7 +77,7 @@ __all__ = ["PbKD", "MMPbKD"]
 
 class _PreferenceGame(Objective):
     """What ``pbkd`` and ``mm_pbkd`` share: the judge, the preference store and D, the adversary
-    with its optimiser, the MLE warm start (``NLL_ref``), the dual variable ``lam`` and the rounds."""
+    with its optimiser, the dual variable ``lam`` and the rounds (label, append, fit, log)."""
 
     uses_teacher_responses = True
     adversary_name = "adversary"
@@ -87,7 +90,8 @@ class _PreferenceGame(Objective):
                              "launch without torchrun / distributed=none")
         self.p = p
         self.adversary = self.build_adversary().to(run.device)
-        self.adversary_optimizer = torch.optim.AdamW(self.adversary.parameters(), lr=p.adversary_lr)
+        self.adversary_optimizer = torch.optim.AdamW(self.adversary_parameters(), lr=p.adversary_lr,
+                                                     weight_decay=p.adversary_weight_decay)
         self.judge = make_judge(p.judge, **self.judge_options())
         if getattr(self.judge, "reward_name", None) == "answer_accuracy" and not has_answers(run.train_data):
             raise ValueError("the bt_oracle judge's answer_accuracy reward needs training examples that carry their "
@@ -99,12 +103,17 @@ class _PreferenceGame(Objective):
         self.judge_totals: dict = {}
         self.step_adversary: dict = {}
 
-    # ---- the adversary: built from its own small config or as a pruned copy of the teacher -----
+    # ---- the adversary: built from its own small config, pruned teacher blocks or the initial student
 
     def backbone(self):
         p, teacher = self.p, self.run.teacher
         if p.rm_init == "pruned":
             return pruned_student(teacher, list(p.rm_layers)).float()
+        if p.rm_init == "student":
+            if self.run.initial_student is None:
+                raise ValueError(f"pbkd.rm_init=student copies the run's initial student, which "
+                                 f"objective={self.cfg.objective} does not keep; use rm_init=pruned or fresh")
+            return copy.deepcopy(self.run.initial_student).float().requires_grad_(True)
         from transformers import AutoModelForCausalLM
 
         config = small_config_like(teacher.config, **p.rm_config)
@@ -115,23 +124,313 @@ class _PreferenceGame(Objective):
     def build_adversary(self) -> torch.nn.Module:
         raise NotImplementedError
 
+    def adversary_parameters(self):
+        """What the adversary's optimiser moves."""
+        return self.adversary.parameters()
+
     def judge_options(self) -> dict:
         options = dict(self.p.judge_options)
         if self.p.judge == "bt_oracle":
             options.setdefault("seed", self.cfg.seed)
         return options
 
-    # ---- rewards of preference pairs (subclasses: r_phi or the induced r_f) ----------------------
+    @property
+    def zeta_over_n(self) -> float:
+        return self.p.zeta / len(self.D)
+
+    def guarded(self, fn, *args):
+        """Run an adversary computation; a non-finite output stops the run naming the last good checkpoint."""
+        try:
+            return fn(*args)
+        except NonFiniteRewardError as err:
+            latest = self.run.run_dir / "checkpoints" / "latest"
+            where = f"the last good checkpoint is {latest.resolve()}" if latest.exists() else "no checkpoint was written yet"
+            raise NonFiniteRewardError(f"{self.cfg.objective}: {err} ({where}; resume with --resume)") from None
+
+    # ---- rounds: label, append, fit --------------------------------------------------------------
+
+    def start_round(self, round_index: int, steps: range) -> None:
+        """Algorithm 2, one round: responses -> judge -> store (one append) -> the adversary's fit."""
+        run = self.run
+        self.round = round_index
+        if round_index < self.store.rounds_completed():  # labelled before an interruption: reuse, never relabel
+            records = self.store.records(round_index)
+        else:
+            records = self.label_round(round_index, steps)
+            self.store.append(records)
+        self.D = [r for r in self.store.preferences() if r.round <= round_index]
+        if not self.D:
+            raise ValueError(f"round {round_index}: the judge produced no preference (judge stats: "
+                             f"{self.judge.stats.summary()}); use more pbkd.pairs_per_round or another judge")
+        fitted = self.fit_round(round_index, records)
+        valid = validate(run)
+        line = {"round": round_index, "step": steps.start, "pairs_this_round": len(records), "D": len(self.D),
+                **{f"valid_{m}": v for m, v in valid.items()}, **fitted, "judge": self.judge_totals}
+        with open(run.run_dir / "rounds.jsonl", "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(line) + "\n")
+        print(f"[{self.cfg.objective} round {round_index}] " + " ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in line.items() if k != "judge")
+            + f" judge: {self.judge_totals}", flush=True)
+
+    def fit_round(self, round_index: int, records: list) -> dict:
+        """Fit the adversary to the grown D; returns the round line's adversary fields."""
+        raise NotImplementedError
+
+    def label_round(self, round_index: int, steps: range) -> list:
+        """The round's pairs: for each of its first `pairs_per_round` prompts, the teacher's response
+        against each of `pg.samples_per_prompt` samples of the current student (offline with
+        `offline_response=reference`: against the gold response), labelled by the judge in one batch."""
+        run, p = self.run, self.p
+        seen, examples = set(), []
+        for s in steps:
+            for i in local_batch_indices(run, s):
+                ex = run.train_data[i]
+                if ex.prompt not in seen and len(examples) < p.pairs_per_round:
+                    seen.add(ex.prompt)
+                    examples.append(ex)
+        offline_reference = self.cfg.online.rounds == 1 and p.offline_response == "reference"
+        if offline_reference:
+            pairs, model_1 = [(ex, ex.response) for ex in examples], "reference"
+        else:
+            k = self.cfg.pg.samples_per_prompt
+            samples = student_rollouts(run, examples, seed=self.cfg.seed * 7919 + 104_729 * (round_index + 1), k=k)
+            pairs = [(examples[i // k], y) for i, y in enumerate(samples.texts(run.tokenizer))]
+            model_1 = f"student@round{round_index}"
+        queries = [PreferenceQuery(prompt=ex.prompt, response_0=self.teacher_cache[ex.prompt].text, response_1=y,
+                                   round=round_index, index=i, model_0="teacher", model_1=model_1,
+                                   references=tuple(ex.references), answers=ex.answers)
+                   for i, (ex, y) in enumerate(pairs)]
+        before = self.judge.stats.as_dict()
+        records = self.judge.label(queries)
+        after = self.judge.stats.as_dict()
+        for k, v in after.items():
+            if isinstance(v, int):
+                self.judge_totals[k] = self.judge_totals.get(k, 0) + v - before[k]
+        return records
+
+    # ---- resume ------------------------------------------------------------------------------
+
+    def adversary_state(self) -> dict:
+        return self.adversary.state_dict()
+
+    def load_adversary_state(self, state: dict) -> None:
+        self.adversary.load_state_dict(state)
+
+    def state_dict(self) -> dict:
+        return {"adversary": self.adversary_state(), "adversary_optimizer": self.adversary_optimizer.state_dict(),
+                "lam": self.lam, "nll_ref": self.nll_ref, "round": self.round, "judge_totals": json.dumps(self.judge_totals),
+                "store_records": len(self.store), "step_adversary": json.dumps(self.step_adversary)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.load_adversary_state(state["adversary"])
+        self.adversary_optimizer.load_state_dict(state["adversary_optimizer"])
+        self.lam, self.nll_ref, self.round = float(state["lam"]), float(state["nll_ref"]), int(state["round"])
+        self.judge_totals = json.loads(state["judge_totals"])
+        self.step_adversary = json.loads(state.get("step_adversary", "{}"))
+        if len(self.store) < int(state["store_records"]):
+            raise ValueError(f"the preference store {self.store.path} holds {len(self.store)} records but the checkpoint "
+                             f"was written with {state['store_records']}; it lost records since. Restore the store "
+                             "file of this run (or start a new run)")
+        if self.round >= 0:
+            self.D = [r for r in self.store.preferences() if r.round <= self.round]
+
+
+def _held_out(record, fraction: float) -> bool:
+    """Whether a preference record belongs to the held-out part of D (a fixed hash of its id)."""
+    return zlib.crc32(f"{record.round}:{record.index}".encode()) % 10_000 < fraction * 10_000
+
+
+class PbKD(_PreferenceGame):
+    """``pbkd``: the reward model ``r_theta(x, y) = B tanh(<theta, phi(x, y)> / B)`` vs the student.
+
+    The adversary (spec section 2a). ``phi(x, y)`` is the final hidden state at the last token of
+    a frozen pretrained backbone (``pbkd.rm_init``: pruned teacher blocks, a copy of the warm-start
+    student, or a fresh one); only the bounded linear head ``theta`` is trained, with weight decay.
+    The reward class is then linear in fixed features, as the theory's (``pbkd_ref``), and the
+    features of every pair of D are computed once, so the Bradley-Terry NLL and its gradient are
+    exact on the whole of D at every adversary step: the confidence set
+    ``NLL_BT(theta; D_fit) <= NLL_ref + zeta/|D_fit|`` can bind. ``pbkd.heldout_fraction`` of D
+    (by a fixed hash of each record id) is kept out of the MLE and of the constraint; the round
+    line reports its NLL and accuracy.
+
+    Every round: the MLE warm start on D_fit (``pbkd.mle_steps`` full-batch AdamW steps, giving
+    ``NLL_ref``), then by ``pbkd.timescale``
+
+    * ``refit``: ``pbkd.refit_steps`` Lagrangian steps against the round's labelled student
+      samples, then the reward model is frozen for the round;
+    * ``inner``: on every rollout batch, ``pbkd.adversary_steps`` Lagrangian steps against the
+      batch's rollouts before they are scored.
+
+    Each Lagrangian step is ``theta <- theta - eta grad [-(mean r(teacher) - mean r(student)) +
+    lam (NLL_BT(theta; D_fit) - NLL_ref - zeta/|D_fit|)]``, then ``lam <- max(0, lam + eta_lam
+    (NLL_BT - NLL_ref - zeta/|D_fit|))``. The student trains on ``r_theta`` of its rollouts by the
+    stabilised step of section 2a (:class:`llm.objectives.policy_gradient.StudentStep`)."""
+
+    adversary_name = "reward model r_theta"
+    policy_gradient = True
+
+    def __init__(self, run: Run):
+        super().__init__(run)
+        self.student_step = StudentStep(run)
+        self.features: dict = {}  # (round, index) of a record -> (phi(x, tau1), phi(x, tau0)), frozen backbone
+
+    def build_adversary(self):
+        model = RewardModel(self.backbone(), bound=self.p.reward_bound)
+        model.backbone.eval().requires_grad_(False)
+        return model
+
+    def adversary_parameters(self):
+        return self.adversary.head.parameters()
+
+    def adversary_state(self) -> dict:  # the backbone is frozen and rebuilt from the config
+        return self.adversary.head.state_dict()
+
+    def load_adversary_state(self, state: dict) -> None:
+        self.adversary.head.load_state_dict(state)
+
+    # ---- features of the frozen backbone ---------------------------------------------------------
+
+    @torch.no_grad()
+    def batch_features(self, batch: dict) -> torch.Tensor:
+        return self.adversary.features(batch["input_ids"], batch["attention_mask"]).float()
+
+    def text_features(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        out = []
+        for block in chunks(list(range(len(prompts))), self.run.micro_batch_size * self.cfg.pg.samples_per_prompt):
+            examples = [Example(prompt=prompts[i], response=responses[i]) for i in block]
+            out.append(self.batch_features(encode(self.run, examples, [responses[i] for i in block])))
+        return torch.cat(out)
+
+    def D_tensors(self, held_out: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(phi(x, tau1), phi(x, tau0), labels) of D's fit part (or of its held-out part)."""
+        missing = [r for r in self.D if (r.round, r.index) not in self.features]
+        if missing:
+            phi = self.text_features([r.prompt for r in missing] * 2,
+                                     [r.response_1 for r in missing] + [r.response_0 for r in missing])
+            for i, r in enumerate(missing):
+                self.features[(r.round, r.index)] = (phi[i], phi[len(missing) + i])
+        part = [r for r in self.D if _held_out(r, self.p.heldout_fraction) == held_out]
+        if not part:
+            return (torch.zeros(0, 1),) * 3
+        phi1 = torch.stack([self.features[(r.round, r.index)][0] for r in part])
+        phi0 = torch.stack([self.features[(r.round, r.index)][1] for r in part])
+        return phi1, phi0, torch.tensor([r.label for r in part], dtype=torch.float32, device=phi1.device)
+
+    def bt_nll(self, data) -> torch.Tensor:
+        phi1, phi0, labels = data
+        return losses.bt_nll(self.adversary.head_rewards(phi1), self.adversary.head_rewards(phi0), labels)
+
+    @property
+    def zeta_over_n(self) -> float:
+        return self.p.zeta / max(1, sum(not _held_out(r, self.p.heldout_fraction) for r in self.D))
+
+    # ---- the round's fit and the Lagrangian steps ------------------------------------------------
+
+    def fit_round(self, round_index, records):
+        fit = self.D_tensors(held_out=False)
+        if len(fit[2]) == 0:
+            raise ValueError(f"round {round_index}: all {len(self.D)} pairs of D fell in the held-out part; lower "
+                             "pbkd.heldout_fraction or label more pairs (pbkd.pairs_per_round)")
+        opt = torch.optim.AdamW(self.adversary_parameters(), lr=self.p.mle_lr, weight_decay=self.p.adversary_weight_decay)
+        for _ in range(self.p.mle_steps):
+            nll = self.guarded(self.bt_nll, fit)
+            opt.zero_grad(set_to_none=True)
+            nll.backward()
+            opt.step()
+        with torch.no_grad():
+            self.nll_ref = float(self.guarded(self.bt_nll, fit))
+        line = {"D_fit": len(fit[2]), "nll_ref": self.nll_ref}
+        if self.p.timescale == "refit":
+            students = [r for r in records if r.model_1.startswith("student")]
+            if not students:  # offline against the gold reference: the gap needs the student's own samples
+                raise ValueError("pbkd.timescale=refit fits the adversary against the round's student samples; with "
+                                 "pbkd.offline_response=reference there are none (use timescale=inner)")
+            phi_S = torch.stack([self.features[(r.round, r.index)][0] for r in students])
+            phi_T = torch.stack([self.features[(r.round, r.index)][1] for r in students])
+            line |= self.lagrangian_steps(self.p.refit_steps, phi_T, phi_S, fit)
+        held = self.D_tensors(held_out=True)
+        if len(held[2]):
+            with torch.no_grad():
+                margin = self.adversary.head_rewards(held[0]) - self.adversary.head_rewards(held[1])
+                line |= {"D_heldout": len(held[2]), "heldout_nll": float(self.bt_nll(held)),
+                         "heldout_accuracy": float(((margin > 0).float() == held[2]).float().mean())}
+        return line
+
+    def lagrangian_steps(self, n: int, phi_T: torch.Tensor, phi_S: torch.Tensor, fit) -> dict:
+        """n Lagrangian steps with dual ascent, the BT NLL exact on all of D_fit; the last step's values."""
+        positive = 0
+        for _ in range(n):
+            nll = self.guarded(self.bt_nll, fit)
+            r_T, r_S = self.adversary.head_rewards(phi_T), self.adversary.head_rewards(phi_S)
+            loss = losses.pbkd_adversary_loss(r_T, r_S, nll, self.nll_ref, self.zeta_over_n, self.lam)
+            self.adversary_optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.adversary_optimizer.step()
+            violation = losses.bt_constraint_violation(float(nll.detach()), self.nll_ref, self.zeta_over_n)
+            self.lam = losses.dual_ascent(self.lam, violation, self.p.dual_lr)
+            positive += self.lam > 0
+        with torch.no_grad():
+            nll = float(self.bt_nll(fit))
+            gap = float(self.adversary.head_rewards(phi_T).mean() - self.adversary.head_rewards(phi_S).mean())
+        self.step_adversary = {"lam": self.lam, "lam_positive": positive / max(1, n), "bt_nll": nll,
+                               "nll_ref": self.nll_ref, "bt_bound": self.nll_ref + self.zeta_over_n, "reward_gap": gap}
+        return dict(self.step_adversary)
+
+    def rollout_rewards(self, examples: list[Example], y_S: Rollout, step: int) -> torch.Tensor:
+        """r_theta of every rollout; under timescale=inner, after the adversary's steps on this batch.
+
+        The reward model reads text, as the judge does: a rollout is scored as its decoded text
+        encoded like D's responses (with the closing EOS), so r_theta sees the same kind of sequence
+        it was fitted on; scored as raw ids, a truncated rollout (no EOS) would end where no pair of
+        D ever ends, and the student could exploit r_theta there. The student's own batch keeps the ids."""
+        k = self.cfg.pg.samples_per_prompt
+        phi_S = self.text_features([examples[i // k].prompt for i in range(len(y_S))], y_S.texts(self.run.tokenizer))
+        phi_T = self.text_features([ex.prompt for ex in examples], [self.teacher_cache[ex.prompt].text for ex in examples])
+        if self.p.timescale == "inner":
+            self.lagrangian_steps(self.p.adversary_steps, phi_T, phi_S, self.D_tensors(held_out=False))
+        with torch.no_grad():
+            self.step_adversary["reward_teacher"] = float(self.adversary.head_rewards(phi_T).mean())
+            return self.adversary.head_rewards(phi_S)
+
+    def make_batch(self, examples, step):
+        self.guarded(self.student_step.current, examples, step, self.rollout_rewards)
+        return self.student_step.micro_batches(self.teacher_cache)
+
+    def loss(self, micro, totals, diagnostics):
+        loss, metrics = self.student_step.loss(micro, totals)
+        w = float(micro["counts"]["prompts"] / totals["prompts"])
+        return loss, metrics | {k: v * w for k, v in self.step_adversary.items()}
+
+    def state_dict(self):
+        return super().state_dict() | {"student_step": self.student_step.state_dict()}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.student_step.load_state_dict(state.get("student_step", {}))
+
+
+class MMPbKD(_PreferenceGame):
+    """``mm_pbkd``: Q-head f_phi vs student, moments mixed by beta, induced reward in the BT constraint."""
+
+    adversary_name = "Q-head f_phi"
+
+    def __init__(self, run: Run):
+        if not run.shared_vocabulary:
+            raise ValueError("objective=mm_pbkd is white-box: teacher and student must share a vocabulary "
+                             "(use objective=pbkd for text-only distillation)")
+        super().__init__(run)
+
+    def build_adversary(self):
+        return QHead(self.backbone(), bound=self.p.q_bound)
+
+    # ---- the Q-head's minibatch BT likelihood, MLE warm start and Lagrangian steps -----------------
 
     def pair_rewards(self, records) -> tuple[torch.Tensor, torch.Tensor]:
-        """(r(x, tau1), r(x, tau0)) of preference records, with gradient to the adversary."""
+        """(r_f(x, tau1), r_f(x, tau0)) of preference records, with gradient to the Q-head."""
         prompts = [Example(prompt=r.prompt, response=r.response_1) for r in records]
         r1 = self.sequence_rewards(encode(self.run, prompts, [r.response_1 for r in records]))
         r0 = self.sequence_rewards(encode(self.run, prompts, [r.response_0 for r in records]))
         return r1, r0
-
-    def sequence_rewards(self, batch: dict) -> torch.Tensor:
-        raise NotImplementedError
 
     def preference_batch(self, tag: int):
         """A seeded minibatch of D (the same after a resume)."""
@@ -149,75 +448,8 @@ class _PreferenceGame(Objective):
             values = [self.bt_nll_of(block) * len(block) for block in chunks(self.D, self.p.bt_batch_size)]
         return float(sum(values) / len(self.D))
 
-    @property
-    def zeta_over_n(self) -> float:
-        return self.p.zeta / len(self.D)
-
-    def guarded(self, fn, *args):
-        """Run an adversary computation; a non-finite output stops the run naming the last good checkpoint."""
-        try:
-            return fn(*args)
-        except NonFiniteRewardError as err:
-            latest = self.run.run_dir / "checkpoints" / "latest"
-            where = f"the last good checkpoint is {latest.resolve()}" if latest.exists() else "no checkpoint was written yet"
-            raise NonFiniteRewardError(f"{self.cfg.objective}: {err} ({where}; resume with --resume)") from None
-
-    # ---- rounds: label, append, MLE warm start ---------------------------------------------------
-
-    def start_round(self, round_index: int, steps: range) -> None:
-        """Algorithm 2, one round: responses -> judge -> store (one append) -> MLE warm start."""
-        run = self.run
-        self.round = round_index
-        if round_index < self.store.rounds_completed():  # labelled before an interruption: reuse, never relabel
-            records = self.store.records(round_index)
-        else:
-            records = self.label_round(round_index, steps)
-            self.store.append(records)
-        self.D = [r for r in self.store.preferences() if r.round <= round_index]
-        if not self.D:
-            raise ValueError(f"round {round_index}: the judge produced no preference (judge stats: "
-                             f"{self.judge.stats.summary()}); use more pbkd.pairs_per_round or another judge")
-        self.fit_mle(round_index)
-        valid = validate(run)
-        line = {"round": round_index, "step": steps.start, "pairs_this_round": len(records), "D": len(self.D),
-                **{f"valid_{m}": v for m, v in valid.items()}, "nll_ref": self.nll_ref, "bt_nll": self.full_bt_nll(),
-                "bt_bound": self.nll_ref + self.zeta_over_n, "lam": self.lam,
-                "reward_gap": self.round_gap(records), "judge": self.judge_totals}
-        with open(run.run_dir / "rounds.jsonl", "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(line) + "\n")
-        print(f"[{self.cfg.objective} round {round_index}] " + " ".join(
-            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in line.items() if k != "judge")
-            + f" judge: {self.judge_totals}", flush=True)
-
-    def label_round(self, round_index: int, steps: range) -> list:
-        run, p = self.run, self.p
-        seen, examples = set(), []
-        for s in steps:
-            for i in local_batch_indices(run, s):
-                ex = run.train_data[i]
-                if ex.prompt not in seen and len(examples) < p.pairs_per_round:
-                    seen.add(ex.prompt)
-                    examples.append(ex)
-        offline_reference = self.cfg.online.rounds == 1 and p.offline_response == "reference"
-        if offline_reference:
-            responses, model_1 = [ex.response for ex in examples], "reference"
-        else:
-            samples = student_rollouts(run, examples, seed=self.cfg.seed * 7919 + 104_729 * (round_index + 1))
-            responses, model_1 = samples.texts(run.tokenizer), f"student@round{round_index}"
-        queries = [PreferenceQuery(prompt=ex.prompt, response_0=self.teacher_cache[ex.prompt].text, response_1=y,
-                                   round=round_index, index=i, model_0="teacher", model_1=model_1,
-                                   references=tuple(ex.references), answers=ex.answers)
-                   for i, (ex, y) in enumerate(zip(examples, responses))]
-        before = self.judge.stats.as_dict()
-        records = self.judge.label(queries)
-        after = self.judge.stats.as_dict()
-        for k, v in after.items():
-            if isinstance(v, int):
-                self.judge_totals[k] = self.judge_totals.get(k, 0) + v - before[k]
-        return records
-
-    def fit_mle(self, round_index: int) -> None:
-        """MLE warm start: `pbkd.mle_steps` Adam steps on NLL_BT(phi; D); NLL_ref = NLL_BT at the end."""
+    def fit_round(self, round_index, records):
+        """MLE warm start: `pbkd.mle_steps` Adam steps on NLL_BT(phi; D) minibatches; NLL_ref = NLL_BT at the end."""
         opt = torch.optim.AdamW(self.adversary.parameters(), lr=self.p.mle_lr)
         self.adversary.train()
         for j in range(self.p.mle_steps):
@@ -227,14 +459,10 @@ class _PreferenceGame(Objective):
             torch.nn.utils.clip_grad_norm_(self.adversary.parameters(), self.cfg.optim.grad_clip or float("inf"))
             opt.step()
         self.nll_ref = self.guarded(self.full_bt_nll)
-
-    def round_gap(self, records) -> float:
-        """Mean r(teacher) - r(tau1) on this round's pairs."""
         with torch.no_grad():
             r1, r0 = self.guarded(self.pair_rewards, records[: self.p.bt_batch_size]) if records else (torch.zeros(1),) * 2
-        return float((r0 - r1).mean())
-
-    # ---- one adversary step and the dual ascent -----------------------------------------------
+        return {"nll_ref": self.nll_ref, "bt_bound": self.nll_ref + self.zeta_over_n, "lam": self.lam,
+                "reward_gap": float((r0 - r1).mean())}
 
     def adversary_update(self, loss_of_nll, tag: int) -> None:
         """K_adv steps on loss_of_nll(NLL_BT on a D minibatch) then dual ascent on lam after each."""
@@ -288,95 +516,6 @@ class _PreferenceGame(Objective):
         metrics |= {k: v * w for k, v in self.step_adversary.items()}
         metrics["loss"] = float(loss.detach())
         return loss, metrics
-
-    # ---- resume ------------------------------------------------------------------------------
-
-    def state_dict(self) -> dict:
-        return {"adversary": self.adversary.state_dict(), "adversary_optimizer": self.adversary_optimizer.state_dict(),
-                "lam": self.lam, "nll_ref": self.nll_ref, "round": self.round, "judge_totals": json.dumps(self.judge_totals),
-                "store_records": len(self.store)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.adversary.load_state_dict(state["adversary"])
-        self.adversary_optimizer.load_state_dict(state["adversary_optimizer"])
-        self.lam, self.nll_ref, self.round = float(state["lam"]), float(state["nll_ref"]), int(state["round"])
-        self.judge_totals = json.loads(state["judge_totals"])
-        if len(self.store) < int(state["store_records"]):
-            raise ValueError(f"the preference store {self.store.path} holds {len(self.store)} records but the checkpoint "
-                             f"was written with {state['store_records']}; it lost records since. Restore the store "
-                             "file of this run (or start a new run)")
-        if self.round >= 0:
-            self.D = [r for r in self.store.preferences() if r.round <= self.round]
-
-
-class PbKD(_PreferenceGame):
-    """``pbkd``: reward model r_phi vs student. At the first step of every rollout batch the adversary
-    takes its ``pbkd.adversary_steps`` Lagrangian steps on the batch's rollouts, then scores them;
-    the student trains on those rewards by the stabilised step of section 2a
-    (:class:`llm.objectives.policy_gradient.StudentStep`) for ``pg.ppo_epochs`` steps."""
-
-    adversary_name = "reward model r_phi"
-    policy_gradient = True
-
-    def __init__(self, run: Run):
-        super().__init__(run)
-        self.student_step = StudentStep(run)
-
-    def build_adversary(self):
-        return RewardModel(self.backbone(), bound=self.p.reward_bound)
-
-    def sequence_rewards(self, batch):
-        return self.adversary(batch["input_ids"], batch["attention_mask"])
-
-    def rollout_rewards(self, examples: list[Example], y_S: Rollout, step: int) -> torch.Tensor:
-        """The adversary's steps on this batch (teacher responses against the rollouts), then r_phi of each rollout."""
-        S_all = encode_rollout(self.run, y_S)
-        T_all = encode_teacher_responses(self.run, examples, self.teacher_cache)
-
-        def lagrangian(nll):  # -(E_p r_phi - E_q r_phi) + lam (NLL_BT - NLL_ref - zeta/|D|)
-            r_T, r_S = self.sequence_rewards(T_all), self.sequence_rewards(S_all)
-            loss = losses.pbkd_adversary_loss(r_T, r_S, nll, self.nll_ref, self.zeta_over_n, self.lam)
-            return loss, (r_T.mean() - r_S.mean()).detach()
-
-        self.adversary_update(lagrangian, step)
-        with torch.no_grad():
-            self.adversary.eval()
-            rewards = self.guarded(self.sequence_rewards, S_all)
-            self.step_adversary["reward_teacher"] = float(self.guarded(self.sequence_rewards, T_all).mean())
-        return rewards
-
-    def make_batch(self, examples, step):
-        self.student_step.current(examples, step, self.rollout_rewards)
-        return self.student_step.micro_batches(self.teacher_cache)
-
-    def loss(self, micro, totals, diagnostics):
-        loss, metrics = self.student_step.loss(micro, totals)
-        w = float(micro["counts"]["prompts"] / totals["prompts"])
-        return loss, metrics | {k: v * w for k, v in self.step_adversary.items()}
-
-    def state_dict(self):
-        return super().state_dict() | {"student_step": self.student_step.state_dict(),
-                                       "step_adversary": json.dumps(self.step_adversary)}
-
-    def load_state_dict(self, state):
-        super().load_state_dict(state)
-        self.student_step.load_state_dict(state.get("student_step", {}))
-        self.step_adversary = json.loads(state.get("step_adversary", "{}"))
-
-
-class MMPbKD(_PreferenceGame):
-    """``mm_pbkd``: Q-head f_phi vs student, moments mixed by beta, induced reward in the BT constraint."""
-
-    adversary_name = "Q-head f_phi"
-
-    def __init__(self, run: Run):
-        if not run.shared_vocabulary:
-            raise ValueError("objective=mm_pbkd is white-box: teacher and student must share a vocabulary "
-                             "(use objective=pbkd for text-only distillation)")
-        super().__init__(run)
-
-    def build_adversary(self):
-        return QHead(self.backbone(), bound=self.p.q_bound)
 
     def f_values(self, batch) -> torch.Tensor:
         """f_phi(s_h, .) at the response positions, (B, K, V), aligned with batch["labels"]."""

@@ -8,6 +8,7 @@ is a small generated Dolly-format set whose references make the `bt_oracle` judg
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -57,38 +58,59 @@ def _train_records(run_dir) -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 
 
-def test_pbkd_offline_builds_D_once_and_lam_follows_dual_ascent(assets, tmp_path):
-    out = _train(assets, tmp_path, **{"pbkd.lam_init": 0.5, "pbkd.dual_lr": 2.0, "pbkd.adversary_steps": 2})
+def test_pbkd_offline_labels_every_sample_once_and_the_confidence_set_binds(assets, tmp_path):
+    """Offline D: each of the 6 prompts' teacher response against each of its k = 4 student samples,
+    labelled once. The refit's Lagrangian ends inside the confidence set NLL_BT <= NLL_ref + zeta/|D_fit|
+    (on all of D_fit) with lam > 0 on most of its steps; with the dual variable pinned at 0 (the
+    constraint dropped) the same fit leaves the set, which is the fault this check catches."""
+    out = _train(assets, tmp_path / "game", **{"pbkd.zeta": 0.5})
     run_dir = Path(out["run_dir"])
     store = PreferenceStore(run_dir / "preferences.jsonl")
-    assert store.rounds_completed() == 1 and len(store) == 6  # bt_oracle never ties or fails
-    assert {(r.round, r.index) for r in store} == {(0, i) for i in range(6)}
-    assert all(r.model_0 == "teacher" and r.judge == "bt_oracle" for r in store)
-    rounds = _lines(run_dir / "rounds.jsonl")
-    assert len(rounds) == 1 and rounds[0]["D"] == 6 and rounds[0]["judge"]["preferences"] == 6
-    assert abs(rounds[0]["bt_bound"] - (rounds[0]["nll_ref"] + 1.0 / 6)) < 1e-9
+    assert store.rounds_completed() == 1 and len(store) == 24  # bt_oracle never ties or fails
+    assert {(r.round, r.index) for r in store} == {(0, i) for i in range(24)}
+    assert all(r.model_0 == "teacher" and r.judge == "bt_oracle" and r.model_1 == "student@round0" for r in store)
+    (line,) = _lines(run_dir / "rounds.jsonl")
+    assert line["D"] == 24 and line["D_fit"] + line["D_heldout"] == 24 and line["judge"]["preferences"] == 24
+    assert line["bt_bound"] == pytest.approx(line["nll_ref"] + 0.5 / line["D_fit"], rel=1e-9)
+    assert line["bt_nll"] <= line["bt_bound"] + 0.1 * 0.5 / line["D_fit"]
+    assert line["lam_positive"] > 0.5 and line["reward_gap"] > 0
     train = _train_records(run_dir)
-    assert len(train) == 4 and all(r["lam"] >= 0 for r in train)
-    # lam after each step is the projected dual ascent of the previous value on the logged violations
-    # (two adversary steps a step: only the last one's NLL is logged, so check direction and bound)
-    lams = [0.5] + [r["lam"] for r in train]
-    assert any(abs(a - b) > 1e-6 for a, b in zip(lams, lams[1:])), "lam never moved"
+    assert len(train) == 4
     for r in train:
-        assert set(r) >= {"reward_gap", "bt_nll", "bt_bound", "nll_ref", "pg_loss", "reward", "kl_ref", "clip_fraction"}
+        assert set(r) >= {"reward_gap", "bt_nll", "bt_bound", "nll_ref", "pg_loss", "reward", "kl_ref",
+                          "clip_fraction", "response_length", "truncated", "lam_positive"}
     assert out["results"] is not None
 
+    unconstrained = _train(assets, tmp_path / "free", **{"pbkd.zeta": 0.5, "pbkd.lam_init": 0.0, "pbkd.dual_lr": 0.0})
+    (free,) = _lines(Path(unconstrained["run_dir"]) / "rounds.jsonl")
+    assert free["bt_nll"] > free["bt_bound"] + 0.5 / free["D_fit"]
+    assert free["reward_gap"] > line["reward_gap"]
 
-def test_dual_ascent_is_applied_once_per_adversary_step(assets, tmp_path):
-    """With one adversary step, lam_t = max(0, lam_{t-1} + dual_lr * (bt_nll_t - bt_bound_t))."""
-    out = _train(assets, tmp_path, **{"pbkd.lam_init": 0.3, "pbkd.dual_lr": 5.0, "max_steps": 3,
-                                      "pbkd.offline_response": "reference"})
-    train = _train_records(out["run_dir"])
-    lam = 0.3
-    for r in train:
-        lam = max(0.0, lam + 5.0 * (r["bt_nll"] - r["bt_bound"]))
-        assert r["lam"] == pytest.approx(lam, rel=1e-6, abs=1e-9)
-    store = PreferenceStore(Path(out["run_dir"]) / "preferences.jsonl")
-    assert all(r.model_1 == "reference" for r in store)
+
+def test_a_lagrangian_step_is_one_adam_step_then_projected_dual_ascent_on_the_exact_nll_of_D(assets, tmp_path):
+    """lam_1 = max(0, lam_0 + dual_lr * (NLL_BT(theta_0; D_fit) - NLL_ref - zeta/|D_fit|)), with the NLL
+    recomputed here by a float64 loop over every pair of D_fit from the cached features."""
+    cfg = load_config(_write(tmp_path, assets.config(tmp_path, **{"pbkd.lam_init": 0.4, "pbkd.dual_lr": 3.0,
+                                                                  "pbkd.timescale": "inner"})))
+    run, objective, *_ = trainer.setup(cfg)
+    objective.start_round(0, range(0, cfg.max_steps))
+    fit = objective.D_tensors(held_out=False)
+    phi1, phi0, labels = fit
+    w, b, B = (objective.adversary.head.weight.detach().double()[0], float(objective.adversary.head.bias),
+               objective.p.reward_bound)
+    r = lambda phi: [B * math.tanh((float(phi[i].double() @ w) + b) / B) for i in range(len(phi))]  # noqa: E731
+    r1, r0 = r(phi1), r(phi0)
+    nll = sum(math.log1p(math.exp(-(2 * float(y) - 1) * (a - c))) for a, c, y in zip(r1, r0, labels)) / len(labels)
+    bound = objective.nll_ref + cfg.pbkd.zeta / len(labels)
+    lam_0, head_0 = objective.lam, objective.adversary.head.weight.detach().clone()
+    features_0 = objective.batch_features(encode(run, run.train_data[:2]))
+    phi_T, phi_S = phi0[:3], phi1[:3]
+    objective.lagrangian_steps(1, phi_T, phi_S, fit)
+    assert objective.lam == pytest.approx(max(0.0, lam_0 + 3.0 * (nll - bound)), rel=1e-5, abs=1e-7)
+    assert objective.step_adversary["bt_bound"] == pytest.approx(bound)
+    # the head moved and the backbone did not: its features, which D's cache holds, stay valid
+    assert not torch.equal(objective.adversary.head.weight, head_0)
+    assert torch.equal(objective.batch_features(encode(run, run.train_data[:2])), features_0)
 
 
 def test_pbkd_online_two_rounds_append_one_batch_each_and_resume_restores_the_game(assets, tmp_path):
@@ -96,22 +118,22 @@ def test_pbkd_online_two_rounds_append_one_batch_each_and_resume_restores_the_ga
     run_dir = Path(full["run_dir"])
     store = PreferenceStore(run_dir / "preferences.jsonl")
     assert store.rounds_completed() == 2
-    assert sorted(r.record_id for r in store) == [(t, i) for t in range(2) for i in range(6)]
+    assert sorted(r.record_id for r in store) == [(t, i) for t in range(2) for i in range(24)]
     assert {r.model_1 for r in store.records(1)} == {"student@round1"}
     rounds = _lines(run_dir / "rounds.jsonl")
-    assert [r["round"] for r in rounds] == [0, 1] and [r["D"] for r in rounds] == [6, 12]
+    assert [r["round"] for r in rounds] == [0, 1] and [r["D"] for r in rounds] == [24, 48]
     assert all("valid_rouge_l" in r and r["lam"] >= 0 for r in rounds)
 
-    # stop after 3 steps (mid round 1), resume: the reward model, its optimiser, lam and D come back
+    # stop after 3 steps (mid round 1), resume: the reward model, its optimiser, lam, D and the rollout batch come back
     half = tmp_path / "half"
     _train(assets, half, **{"online.rounds": 2, "stop_after": 3})
     resumed = _train(assets, half, resume=True, **{"online.rounds": 2})
     a, b = _train_records(run_dir), _train_records(resumed["run_dir"])
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     for x, y in zip(a, b):
-        assert y["lam"] == pytest.approx(x["lam"], rel=1e-5, abs=1e-7)
-        assert y["reward_gap"] == pytest.approx(x["reward_gap"], rel=1e-4, abs=1e-5)
-    assert len(PreferenceStore(Path(resumed["run_dir"]) / "preferences.jsonl")) == 12
+        for key in ("lam", "reward_gap", "reward", "pg_loss", "ratio_mean"):
+            assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-5), key
+    assert len(PreferenceStore(Path(resumed["run_dir"]) / "preferences.jsonl")) == 48
 
 
 KILL_SCRIPT = textwrap.dedent("""
@@ -119,12 +141,12 @@ KILL_SCRIPT = textwrap.dedent("""
     from llm import train
     from llm.config import load_config
     from llm.objectives import preference_game
-    real = preference_game._PreferenceGame.fit_mle
-    def fit_mle(self, round_index):
+    real = preference_game.PbKD.fit_round
+    def fit_round(self, round_index, records):
         if round_index == 1:  # round 1 is labelled and appended: die before training on it
             os.kill(os.getpid(), signal.SIGKILL)
-        return real(self, round_index)
-    preference_game._PreferenceGame.fit_mle = fit_mle
+        return real(self, round_index, records)
+    preference_game.PbKD.fit_round = fit_round
     train.train(load_config(sys.argv[1]))
 """)
 
@@ -140,16 +162,38 @@ def test_kill_between_labelling_and_training_then_resume_loses_and_duplicates_no
     run_dir = Path(cfg["out_dir"]) / "run"
     store_path = run_dir / "preferences.jsonl"
     killed = PreferenceStore(store_path)
-    assert killed.rounds_completed() == 2 and len(killed) == 12  # round 1 labelled, not trained on
+    assert killed.rounds_completed() == 2 and len(killed) == 48  # round 1 labelled, not trained on
     round1_before = [r.to_json() for r in killed.records(1)]
     lines_before = store_path.read_text().splitlines()
     trainer.train(load_config(path), resume=True)
     after = PreferenceStore(store_path)
     assert store_path.read_text().splitlines() == lines_before  # nothing appended again
-    assert sorted(r.record_id for r in after) == [(t, i) for t in range(2) for i in range(6)]
+    assert sorted(r.record_id for r in after) == [(t, i) for t in range(2) for i in range(24)]
     assert [r.to_json() for r in after.records(1)] == round1_before
     rounds = _lines(run_dir / "rounds.jsonl")
     assert [r["round"] for r in rounds] == [0, 1]  # the killed round 1 wrote no line; the resumed one did
+
+
+@pytest.mark.parametrize("fault", [None, "flipped", "detached"])
+def test_pbkd_raises_the_judges_reward_and_would_not_with_a_flipped_or_detached_student_loss(
+        word_assets, plant_student_fault, tmp_path, fault):
+    """Online pbkd (5 rounds of 6 steps) on the word-level assets: each round D gains the fitted
+    teacher's "red green" against the current student's samples, labelled by the bt_oracle judge
+    from Rouge-L, and the reward model (a linear head on the teacher's block) is refit; the student
+    trains only on the learnt reward r_theta, and its expected Rouge-L (the judge's reward, which it
+    never sees) must rise. The same run with the student's loss negated or detached must not.
+    (Offline, from one D of 64 pairs, the student finds responses the reward model overrates --
+    "blue blue blue blue" -- and the true reward falls: the online rounds label those and correct it.)"""
+    before = word_assets.expected_reward(word_assets / "student")
+    if fault is not None:
+        plant_student_fault(fault)
+    config = word_assets.config(tmp_path, "pbkd", **{"online.rounds": 5, "pbkd.rm_init": "pruned", "pbkd.rm_layers": [0]})
+    out = trainer.train(load_config(config))
+    after = word_assets.expected_reward(Path(out["run_dir"]) / "checkpoints" / "latest")
+    if fault is None:
+        assert after > before + 0.15, (before, after)
+    else:
+        assert after < before + 0.05, (fault, before, after)
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -196,11 +240,12 @@ def test_mm_pbkd_runs_online(assets, tmp_path):
     # the Q-head's output is vocabulary-wide (50,257 GPT-2 tokens): keep the run small
     out = _train(assets, tmp_path, objective="mm_pbkd", batch_size=2, max_steps=2,
                  **{"online.rounds": 2, "pbkd.pairs_per_round": 2, "pbkd.bt_batch_size": 2, "pbkd.mle_steps": 1,
+                    "pbkd.adversary_steps": 1, "pg.samples_per_prompt": 2,
                     "eval.max_new_tokens": 2})
     train = _train_records(out["run_dir"])
     assert len(train) == 2 and all(r["lam"] >= 0 for r in train)
     assert all(set(r) >= {"off_moment", "on_moment", "moment_gap", "induced_reward_student"} for r in train)
-    assert len(PreferenceStore(Path(out["run_dir"]) / "preferences.jsonl")) == 4
+    assert len(PreferenceStore(Path(out["run_dir"]) / "preferences.jsonl")) == 8  # 2 prompts x 2 samples x 2 rounds
 
 
 def _brute_force_terms(run, qhead, examples, responses):
