@@ -114,7 +114,7 @@ from pbkd_ref.solvers import MinMaxResult, certificate, solve
 DTYPE = torch.float64
 METHODS = ("pbkd", "mm_pbkd")
 MODES = ("exact", "sampled")
-SCHEMES = ("two_timescale_npg", "simultaneous_adam")
+SCHEMES = ("two_timescale_npg", "round_refit_npg", "simultaneous_adam")
 MM_STUDENTS = ("sequence_rloo", "per_token")
 
 # Student states whose occupancy is below this are not updated by the natural gradient
@@ -148,6 +148,8 @@ class BridgeConfig:
     # two-timescale training
     steps: int = 1000  # student steps, exact mode
     adversary_steps: int = 5  # adversary (Lagrangian) steps per student step
+    refit_every: int = 50  # round_refit_npg: student steps per round, against the adversary frozen at the round's start
+    refit_steps: int = 250  # round_refit_npg: Lagrangian steps of the refit at each round's start
     lr_adversary: float = 3.0  # projected gradient step on theta / w
     lr_dual: float = 20.0  # dual ascent step on lam
     eta: float = 4.0  # natural-gradient step of the student
@@ -171,7 +173,8 @@ class BridgeConfig:
     tie_tol: float = 1e-6  # sequences within this of the best theta*^T phi(tau) count as tied
 
     def validate(self) -> "BridgeConfig":
-        for name in ("V", "H", "d", "N", "steps", "adversary_steps", "sampled_steps", "log_every"):
+        for name in ("V", "H", "d", "N", "steps", "adversary_steps", "refit_every", "refit_steps", "sampled_steps",
+                     "log_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"BridgeConfig.{name} must be a positive integer; got {value!r}")
@@ -779,8 +782,11 @@ def train(game: _Game, cfg: BridgeConfig, *, mode: str = "exact", scheme: str = 
 
     ``two_timescale_npg`` (the bridge): per student step ``adversary_steps`` Lagrangian steps with
     dual ascent, then one natural-gradient student step (sampled mode: step
-    ``sampled_eta / (1 + t / sampled_decay) ** sampled_power``).  ``simultaneous_adam``: one Adam
-    step for each player per iteration, vanilla gradients (the counter-example: it cycles).
+    ``sampled_eta / (1 + t / sampled_decay) ** sampled_power``).  ``round_refit_npg`` (the LLM
+    game's ``pbkd.timescale=refit``): every ``refit_every`` student steps the adversary takes
+    ``refit_steps`` Lagrangian steps against the current student, then stays frozen while the
+    student takes its natural-gradient steps.  ``simultaneous_adam``: one Adam step for each player
+    per iteration, vanilla gradients (the counter-example: it cycles).
     """
     with single_thread():
         return _train(game, cfg, mode=mode, scheme=scheme, seed=seed, steps=steps)
@@ -825,7 +831,11 @@ def _train(game: _Game, cfg: BridgeConfig, *, mode: str, scheme: str, seed: int 
             game.student_loss(student, batch).backward()
             adam_student.step()
         else:
-            for _ in range(cfg.adversary_steps):
+            if scheme == "two_timescale_npg":
+                inner = cfg.adversary_steps
+            else:
+                inner = cfg.refit_steps if (t - 1) % cfg.refit_every == 0 else 0
+            for _ in range(inner):
                 lam = _adversary_step(game, batch, lam, lr_adversary, cfg.lr_dual)
             eta = cfg.eta if exact else cfg.sampled_eta / (1.0 + t / cfg.sampled_decay) ** cfg.sampled_power
             _natural_gradient_step(game, student, game.student_loss(student, batch), eta)
@@ -846,7 +856,7 @@ class BridgeRuns:
 
     instance: BridgeInstance
     runs: list  # Trace: pbkd / mm_pbkd, exact and sampled (one per seed)
-    counterexamples: list  # Trace: simultaneous Adam (pbkd), per-token student (mm_pbkd)
+    counterexamples: list  # Trace: simultaneous Adam and the per-round refit (pbkd), per-token student (mm_pbkd)
 
 
 def run_bridge(cfg: BridgeConfig, *, counterexamples: bool = True, progress: bool = False) -> BridgeRuns:
@@ -867,6 +877,7 @@ def run_bridge(cfg: BridgeConfig, *, counterexamples: bool = True, progress: boo
     extra: list[Trace] = []
     if counterexamples:
         extra.append(done(train(instance.pbkd, cfg, mode="exact", scheme="simultaneous_adam")))
+        extra.append(done(train(instance.pbkd, cfg, mode="exact", scheme="round_refit_npg")))
         instance.mm.student_kind = "per_token"
         try:
             per_token = train(instance.mm, cfg, mode="exact")
@@ -997,7 +1008,11 @@ def experiment_record(result: BridgeRuns, cfg: BridgeConfig, *, mode: str, comma
             "with their probabilities as weights; sampled mode draws k responses per step.",
             "mm_pbkd uses beta = 0 (on-policy moment): its min-max is the pbkd_ref one. Its student is the "
             "sequence-level leave-one-out policy gradient on induced_sequence_reward.",
-            "counter-examples: simultaneous Adam descent-ascent cycles; mm_pbkd_student_loss (per-token "
+            "counter-examples: simultaneous Adam descent-ascent cycles; scheme round_refit_npg (every "
+            "`refit_every` student steps `refit_steps` adversary steps, the adversary frozen in between: the LLM "
+            "game's pbkd.timescale=refit) does not converge either, since against a frozen linear reward the "
+            "natural-gradient student jumps towards its best response and the refit adversary follows it; "
+            "mm_pbkd_student_loss (per-token "
             "advantage, the spec's student) is not the policy gradient of the on-policy moment and settles "
             "away from the min-max solution (see results.counterexamples).",
             "the value gap is measured with the support function's certified upper bound (slack <= 1e-10 "
@@ -1032,9 +1047,10 @@ def plot_bridge(result: BridgeRuns, cfg: BridgeConfig, path: Path) -> Path:
             ax.plot(trace.steps, np.maximum(getattr(trace, key), floor), color=color, linestyle=style, lw=1.4,
                     label=None if label in seen else label)
             seen.add(label)
-        for trace, color in zip(result.counterexamples, ("tab:red", "tab:purple")):
-            label = ("simultaneous Adam GDA (pbkd)" if trace.scheme == "simultaneous_adam"
-                     else "mm_pbkd, per-token student (spec)")
+        for trace, color in zip(result.counterexamples, ("tab:red", "tab:green", "tab:purple")):
+            label = {"simultaneous_adam": "simultaneous Adam GDA (pbkd)",
+                     "round_refit_npg": f"adversary refit every {cfg.refit_every} steps, then frozen (pbkd)"
+                     }.get(trace.scheme, "mm_pbkd, per-token student (spec)")
             ax.plot(trace.steps, np.maximum(getattr(trace, key), floor), color=color, linestyle="--", lw=1.1,
                     label=label)
         for mode, style in (("exact", "-"), ("sampled", ":")):

@@ -208,15 +208,16 @@ def _fit_red_green(model, tokenizer) -> None:
 
 @pytest.fixture
 def plant_student_fault(monkeypatch):
-    """`plant_student_fault("flipped" | "detached")`: the shared student step's loss negated, or
-    detached from the student (a learning test must then fail to raise its reward)."""
+    """`plant_student_fault("flipped" | "detached", owner=StudentStep)`: the student's loss (the
+    `loss` method of `owner`: the shared student step, or an objective) negated, or detached from
+    the student; a learning test must then fail to raise its reward."""
     from llm.objectives.policy_gradient import StudentStep
 
-    original = StudentStep.loss
+    def plant(fault: str, owner=StudentStep) -> None:
+        original = owner.loss
 
-    def plant(fault: str) -> None:
-        def faulty(self, micro, totals):
-            loss, metrics = original(self, micro, totals)
+        def faulty(self, *args):
+            loss, metrics = original(self, *args)
             return (-loss if fault == "flipped" else loss.detach().requires_grad_()), metrics
-        monkeypatch.setattr(StudentStep, "loss", faulty)
+        monkeypatch.setattr(owner, "loss", faulty)
     return plant

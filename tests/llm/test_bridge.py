@@ -192,6 +192,18 @@ def test_bridge_converges_to_exact_minmax_within_stated_tolerance(quick):
     assert all(c["passed"] for c in checks.values()), {k: c for k, c in checks.items() if not c["passed"]}
 
 
+def test_an_adversary_refit_per_round_then_frozen_does_not_reach_the_minmax(quick):
+    """The LLM game's pbkd.timescale=refit on the bridge: every `refit_every` student steps the
+    adversary is refit (`refit_steps` Lagrangian steps) and then frozen. Where the two-timescale
+    scheme meets the exact tolerance, this one stays far from the min-max (value gap above 1e-2):
+    against a frozen linear reward the natural-gradient student jumps towards its best response."""
+    cfg, result = quick
+    two = next(t for t in result.runs if t.method == "pbkd" and t.mode == "exact")
+    refit = bridge.train(result.instance.pbkd, cfg, mode="exact", scheme="round_refit_npg")
+    assert two.value_gap[-1] <= cfg.tol_value_exact
+    assert refit.value_gap[-1] > 1e-2 and refit.tv[-1] > 0.1
+
+
 def test_trained_dual_variable_is_the_kkt_multiplier(quick):
     cfg, result = quick
     for trace in result.runs:
