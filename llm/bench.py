@@ -13,6 +13,9 @@ Sections:
   tokens only, AdamW), and `step_vs_floor_<objective>`; and each loss alone, forward and
   backward on the same packed rows, against a minimal implementation (`loss_vs_minimal_<objective>`).
   Steps are timed without the diagnostics every `log_every`-th step adds.
+- `game`: a `pbkd` step and a `mm_pbkd` step on the same models and batch, each drawing its
+  rollouts (`pg.ppo_epochs=1`), and `mm_pbkd_vs_pbkd` (the issue's budget: at most 2); the
+  round's preparation (labelling, the adversary's fit) is timed apart, as `round_s`.
 - `topk`: the off-policy `fkl` step with the teacher top-k cache (kd.teacher_topk) against the
   same step running the teacher, and the error of each loss and of its gradient against the full
   teacher distribution, for k in {8, 32, 128}.
@@ -519,7 +522,7 @@ def environment() -> dict:
             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"}
 
 
-SECTIONS = ("steps", "gpt2", "topk", "memory", "rollout")
+SECTIONS = ("steps", "game", "gpt2", "topk", "memory", "rollout")
 
 
 def summary(record: dict) -> dict:
@@ -533,6 +536,9 @@ def summary(record: dict) -> dict:
     for name, r in record.get("gpt2", {}).get("results", {}).items():
         if "step_vs_floor" in r:
             out[f"gpt2_step_vs_floor_{name}"] = r["step_vs_floor"]
+    game = record.get("game", {}).get("results", {})
+    if "pbkd" in game and "mm_pbkd" in game:
+        out["mm_pbkd_vs_pbkd"] = game["mm_pbkd"]["s_per_step"] / game["pbkd"]["s_per_step"]
     for k, r in record.get("topk", {}).get("k", {}).items():
         out[f"topk_speedup_fkl_{k}"] = r["speedup"]
     if "memory" in record:
@@ -592,6 +598,10 @@ def main(argv=None) -> dict:
                         "timed_steps": args.repeats, "warmup_steps": 1}
         if "steps" in args.sections:
             record["steps"] = {"settings": settings, "results": bench_steps(objectives, base, spec, fresh)}
+            save()
+        if "game" in args.sections:
+            record["game"] = {"settings": {"models": testbed, "overrides": {"pg.ppo_epochs": 1}},
+                              "results": bench_steps(("pbkd", "mm_pbkd"), base | {"pg.ppo_epochs": 1}, spec, fresh)}
             save()
         if "gpt2" in args.sections:
             pair = (base if args.quick else gpt2_small_pair(args.cache_dir))

@@ -144,23 +144,28 @@ class PbKDConfig:
     rm_layers: list = _field([], "teacher block indices kept by rm_init=pruned")
     reward_bound: float = _field(5.0, "B of the bounded reward r_phi = B tanh(raw/B) (pbkd)")
     q_bound: float = _field(1.0, "bound of the Q-head f_phi = B tanh(raw/B) (mm_pbkd)")
-    adversary_lr: float = _field(1e-3, "AdamW learning rate of the adversary steps")
+    adversary_lr: float = _field(1e-4, "AdamW learning rate of the adversary steps")
     adversary_weight_decay: float = _field(0.01, "AdamW weight decay of the adversary (its MLE warm start too)")
     timescale: str = _field(
         "refit", "the adversary's timescale (pbkd): refit (at each round start, `refit_steps` Lagrangian steps "
         "against the round's labelled student samples, then frozen for the round) or inner (`adversary_steps` "
         "Lagrangian steps on every rollout batch before the student trains on it)", choices=("refit", "inner"))
     refit_steps: int = _field(200, "Lagrangian steps of the per-round refit (timescale=refit)")
-    adversary_steps: int = _field(10, "K_adv: adversary steps (each followed by dual ascent) per rollout batch "
+    adversary_steps: int = _field(1, "K_adv: adversary steps (each followed by dual ascent) per rollout batch "
                                       "(pbkd timescale=inner) or per student step (mm_pbkd)")
     heldout_fraction: float = _field(0.1, "share of D held out of the MLE and the constraint, to report how the "
                                           "reward model generalises (pbkd)")
-    mle_lr: float = _field(1e-2, "learning rate of the MLE warm start on the BT likelihood")
-    mle_steps: int = _field(200, "MLE warm-start steps on D at the start of every round (gives NLL_ref)")
+    mle_lr: float = _field(1e-3, "learning rate of the MLE warm start on the BT likelihood")
+    mle_steps: int = _field(30, "MLE warm-start steps on D at the start of every round (gives NLL_ref)")
     bt_batch_size: int = _field(16, "preference pairs per BT-likelihood minibatch (mm_pbkd; pbkd uses all of D)")
     zeta: float = _field(1.0, "confidence radius zeta: the constraint is NLL_BT <= NLL_ref + zeta/|D|")
     lam_init: float = _field(1.0, "initial dual variable lam >= 0")
     dual_lr: float = _field(1.0, "step size of the projected dual ascent on lam")
+    mm_teacher_topk: int = _field(32, "mm_pbkd: the teacher's top-k probabilities (and tail mass) wherever the "
+                                      "Q-head's expectation <p, f> needs them, cached once per preference record "
+                                      "(0 = the dense distribution)")
+    mm_length_normalize: bool = _field(True, "mm_pbkd: divide the induced reward r_f by the response length in the "
+                                             "BT link (its sum grows with the length)")
     mm_beta: float = _field(0.5, "beta mixing the off-policy (beta) and on-policy (1-beta) moments (mm_pbkd)")
     mm_student_gradient: str = _field(
         "sequence_loo",
@@ -446,6 +451,8 @@ def validate(cfg: TrainConfig) -> None:
     if min(p.zeta, p.lam_init, p.dual_lr, p.adversary_weight_decay, p.refit_steps) < 0 or not 0.0 <= p.mm_beta <= 1.0:
         raise ValueError("pbkd.zeta, lam_init, dual_lr, adversary_weight_decay, refit_steps must be >= 0 and "
                          "pbkd.mm_beta in [0, 1]")
+    if p.mm_teacher_topk < 0:
+        raise ValueError(f"pbkd.mm_teacher_topk must be >= 0 (0 = dense), got {p.mm_teacher_topk}")
     if not 0.0 <= p.heldout_fraction < 0.5:
         raise ValueError(f"pbkd.heldout_fraction must lie in [0, 0.5), got {p.heldout_fraction}")
     g = cfg.pg

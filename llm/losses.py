@@ -66,6 +66,7 @@ __all__ = [
     "q_moment_on_policy",
     "q_moment_off_policy",
     "induced_sequence_reward",
+    "TopKProbs",
     "mm_pbkd_adversary_loss",
     "MMPbKDStudentOutput",
     "mm_pbkd_student_loss",
@@ -925,8 +926,43 @@ def ppo_clipped_loss(token_logp: Tensor, old_logp: Tensor, advantages: Tensor, m
 # --------------------------------------------------------------------------------------
 
 
-def _check_q_inputs(f_values: Tensor, probs: Tensor, actions: Tensor, mask: Tensor, probs_name: str) -> Tensor:
+@dataclass
+class TopKProbs:
+    """A sparse distribution per position: the ``k`` most likely ids ``(B, T, k)``, their
+    log-probabilities and the log of the mass outside them ``(B, T)`` (:func:`teacher_topk`).
+
+    ``<pi, f>`` is then ``sum_j pi_j f_{ids_j} + tail * mean of f over the other V - k ids``:
+    exact when ``f`` is constant off the top k, and within ``tail * (max - min of f off the top
+    k)`` of the dense value otherwise (the error is measured in ``llm/bench.py``)."""
+
+    ids: Tensor
+    logp: Tensor
+    tail_logp: Tensor
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.ids.shape[:2])
+
+    def __getitem__(self, index) -> TopKProbs:
+        return TopKProbs(self.ids[index], self.logp[index], self.tail_logp[index])
+
+    def expected(self, f_values: Tensor) -> Tensor:
+        dtype = torch.promote_types(_compute_dtype(f_values), _compute_dtype(self.logp))
+        f = f_values.to(dtype)
+        picked = f.gather(-1, self.ids.long())
+        head = (self.logp.to(dtype).exp() * picked).sum(-1)
+        rest = (f.sum(-1) - picked.sum(-1)) / max(1, f.shape[-1] - self.ids.shape[-1])
+        return head + self.tail_logp.to(dtype).exp() * rest
+
+
+def _check_q_inputs(f_values: Tensor, probs: Tensor | TopKProbs, actions: Tensor, mask: Tensor,
+                    probs_name: str) -> Tensor:
     _check_scores("f_values", f_values, 3)
+    if isinstance(probs, TopKProbs):
+        if probs.shape != tuple(f_values.shape[:2]) or tuple(probs.tail_logp.shape) != probs.shape:
+            raise ValueError(f"{probs_name} (top-k) covers positions {probs.shape} but f_values has "
+                             f"{tuple(f_values.shape[:2])} (batch, time)")
+        return _check_mask(mask, tuple(f_values.shape[:2]))
     _check_scores(probs_name, probs, 3)
     if probs.shape != f_values.shape:
         raise ValueError(
@@ -936,8 +972,10 @@ def _check_q_inputs(f_values: Tensor, probs: Tensor, actions: Tensor, mask: Tens
     return _check_mask(mask, tuple(f_values.shape[:2]))
 
 
-def _expected_f(f_values: Tensor, probs: Tensor) -> Tensor:
+def _expected_f(f_values: Tensor, probs: Tensor | TopKProbs) -> Tensor:
     """``<pi(.|s_h), f(s_h, .)>`` per position, shape ``(B, T)``."""
+    if isinstance(probs, TopKProbs):
+        return probs.expected(f_values)
     dtype = torch.promote_types(_compute_dtype(f_values), _compute_dtype(probs))
     return (probs.to(dtype) * f_values.to(dtype)).sum(-1)
 

@@ -419,6 +419,7 @@ class MMPbKD(_PreferenceGame):
             raise ValueError("objective=mm_pbkd is white-box: teacher and student must share a vocabulary "
                              "(use objective=pbkd for text-only distillation)")
         super().__init__(run)
+        self.teacher_on_D: dict = {}  # (round, index) -> {"1" | "0": the teacher's p on that response, unpadded}
 
     def build_adversary(self):
         return QHead(self.backbone(), bound=self.p.q_bound)
@@ -426,11 +427,45 @@ class MMPbKD(_PreferenceGame):
     # ---- the Q-head's minibatch BT likelihood, MLE warm start and Lagrangian steps -----------------
 
     def pair_rewards(self, records) -> tuple[torch.Tensor, torch.Tensor]:
-        """(r_f(x, tau1), r_f(x, tau0)) of preference records, with gradient to the Q-head."""
+        """(r_f(x, tau1), r_f(x, tau0)) of preference records, with gradient to the Q-head; the teacher's
+        distributions on D's pairs come from the round's cache (computed once per record)."""
         prompts = [Example(prompt=r.prompt, response=r.response_1) for r in records]
-        r1 = self.sequence_rewards(encode(self.run, prompts, [r.response_1 for r in records]))
-        r0 = self.sequence_rewards(encode(self.run, prompts, [r.response_0 for r in records]))
-        return r1, r0
+        out = []
+        for side, texts in (("1", [r.response_1 for r in records]), ("0", [r.response_0 for r in records])):
+            batch = encode(self.run, prompts, texts)
+            p = self.cached_teacher(records, side, batch)
+            r_f = losses.induced_sequence_reward(self.f_values(batch), p, batch["labels"], batch["response_mask"])
+            out.append(r_f / batch["response_mask"].sum(1) if self.p.mm_length_normalize else r_f)
+        return out[0], out[1]
+
+    def teacher_distribution(self, batch) -> torch.Tensor | losses.TopKProbs:
+        """The teacher's p(.|s_h) at the batch's response positions: dense, or its top pbkd.mm_teacher_topk."""
+        logits = teacher_logits(self.run, batch).float()
+        if 0 < self.p.mm_teacher_topk < logits.shape[-1]:  # a vocabulary no larger than k is kept whole
+            return losses.TopKProbs(*losses.teacher_topk(logits, self.p.mm_teacher_topk))
+        return torch.softmax(logits, -1)
+
+    def cache_teacher(self, records) -> None:
+        """The teacher's distributions on both responses of every record not yet cached (frozen for the run)."""
+        missing = [r for r in records if (r.round, r.index) not in self.teacher_on_D]
+        for block in chunks(missing, self.p.bt_batch_size):
+            prompts = [Example(prompt=r.prompt, response=r.response_1) for r in block]
+            sides = {}
+            for side, texts in (("1", [r.response_1 for r in block]), ("0", [r.response_0 for r in block])):
+                batch = encode(self.run, prompts, texts)
+                sides[side] = (self.teacher_distribution(batch), batch["response_mask"].sum(1).tolist())
+            for i, r in enumerate(block):
+                self.teacher_on_D[(r.round, r.index)] = {
+                    side: _row(p, i, int(n[i])) for side, (p, n) in sides.items()}
+
+    def cached_teacher(self, records, side: str, batch: dict):
+        """The cached teacher distributions of `records`' responses `side`, laid out as `batch`'s positions."""
+        self.cache_teacher(records)
+        rows = [self.teacher_on_D[(r.round, r.index)][side] for r in records]
+        p, device = _stack_rows(rows, batch["labels"].shape[1]), batch["labels"].device
+        if isinstance(p, losses.TopKProbs):
+            return losses.TopKProbs(p.ids.to(device), p.logp.to(device), p.tail_logp.to(device))
+        return p.to(device)
 
     def preference_batch(self, tag: int):
         """A seeded minibatch of D (the same after a resume)."""
@@ -493,14 +528,6 @@ class MMPbKD(_PreferenceGame):
         y_S = self.student_samples(examples, step)
         return y_S, encode_rollout(self.run, y_S), encode_teacher_responses(self.run, examples, self.teacher_cache)
 
-    def micro_batch(self, part, sl: slice, y_S: Rollout) -> dict:
-        """The student rollouts S and teacher responses T of one micro-batch (prompts `sl` of the step)."""
-        k, run = self.cfg.pg.samples_per_prompt, self.run
-        S = encode_rollout(run, y_S[sl.start * k : sl.stop * k])
-        T = encode_teacher_responses(run, part, self.teacher_cache)
-        return {"S": S, "T": T, "counts": {"prompts": torch.tensor(len(part), device=run.device),
-                                           "teacher_tokens": T["response_mask"].sum()}}
-
     def seqkd_term(self, micro, totals) -> torch.Tensor:
         T = micro["T"]
         logits = logits_of(self.run.student, T, self.run)
@@ -521,12 +548,9 @@ class MMPbKD(_PreferenceGame):
         """f_phi(s_h, .) at the response positions, (B, K, V), aligned with batch["labels"]."""
         return self.adversary(batch["input_ids"], batch["attention_mask"], batch["positions"])
 
-    def teacher_probs(self, batch) -> torch.Tensor:
-        return torch.softmax(teacher_logits(self.run, batch).float(), -1)
-
     def sequence_rewards(self, batch):
         """The induced reward r_f(tau) = sum_h [f(s_h, y_h) - <p(.|s_{h+1}), f(s_{h+1}, .)>]."""
-        return losses.induced_sequence_reward(self.f_values(batch), self.teacher_probs(batch), batch["labels"],
+        return losses.induced_sequence_reward(self.f_values(batch), self.teacher_distribution(batch), batch["labels"],
                                               batch["response_mask"])
 
     def moments(self, T: dict, S: dict, q_T: torch.Tensor, p_S: torch.Tensor):
@@ -536,11 +560,14 @@ class MMPbKD(_PreferenceGame):
         return off, on
 
     def make_batch(self, examples, step):
-        run, size, beta = self.run, self.run.micro_batch_size, self.p.mm_beta
+        """Each frozen quantity once a step: the teacher's p on the step's rollouts, the student's q on the
+        teacher responses (for the adversary), then f after the adversary's steps; micro-batches are row
+        slices of the step's batches."""
+        run, size, beta, k = self.run, self.run.micro_batch_size, self.p.mm_beta, self.cfg.pg.samples_per_prompt
         y_S, S_all, T_all = self.rollout_batches(examples, step)
         with torch.no_grad():
             q_T = torch.softmax(logits_of(run.student, T_all, run).float(), -1)
-            p_S = self.teacher_probs(S_all)
+            p_S = self.teacher_distribution(S_all)
 
         def lagrangian(nll):  # -(beta off + (1-beta) on) + lam (NLL_BT(r_f) - NLL_ref - zeta/|D|)
             off, on = self.moments(T_all, S_all, q_T, p_S)
@@ -548,17 +575,17 @@ class MMPbKD(_PreferenceGame):
             return loss, (beta * off + (1 - beta) * on).detach()
 
         self.adversary_update(lagrangian, step)
-        micros = []
         with torch.no_grad():
             self.adversary.eval()
-            for i, part in enumerate(chunks(examples, size)):
-                micro = self.micro_batch(part, slice(i * size, i * size + len(part)), y_S)
-                S, T = micro["S"], micro["T"]
-                f_S, p_S_micro = self.guarded(self.f_values, S), self.teacher_probs(S)
-                micros.append({
-                    **micro, "f_T": self.guarded(self.f_values, T), "f_S": f_S, "p_S": p_S_micro,
-                    "r_f": losses.induced_sequence_reward(f_S, p_S_micro, S["labels"], S["response_mask"]),
-                })
+            f_S, f_T = self.guarded(self.f_values, S_all), self.guarded(self.f_values, T_all)
+            r_f = losses.induced_sequence_reward(f_S, p_S, S_all["labels"], S_all["response_mask"])
+        micros = []
+        for i, part in enumerate(chunks(examples, size)):
+            prompts, rows = slice(i * size, i * size + len(part)), slice(i * size * k, (i * size + len(part)) * k)
+            S, T = _rows(S_all, rows), _rows(T_all, prompts)
+            micros.append({"S": S, "T": T, "f_T": f_T[prompts], "f_S": f_S[rows], "p_S": p_S[rows], "r_f": r_f[rows],
+                           "counts": {"prompts": torch.tensor(len(part), device=run.device),
+                                      "teacher_tokens": T["response_mask"].sum()}})
         return micros
 
     def loss(self, micro, totals, diagnostics):
@@ -585,3 +612,27 @@ class MMPbKD(_PreferenceGame):
                    "on_moment": float(on.detach()) * w, "moment_gap": float(beta * off.detach() + (1 - beta) * on) * w,
                    "induced_reward_student": float(micro["r_f"].mean()) * w}
         return self.finish_loss(loss, metrics, micro, totals, w)
+
+
+def _rows(batch: dict, rows: slice) -> dict:
+    """Rows of a training batch (every tensor sliced along its first dimension)."""
+    return {k: v[rows] for k, v in batch.items()}
+
+
+def _row(p, i: int, n: int):
+    """Row i's first n positions of a dense (B, K, V) distribution or a TopKProbs, on the CPU."""
+    if isinstance(p, losses.TopKProbs):
+        return losses.TopKProbs(p.ids[i, :n].cpu(), p.logp[i, :n].cpu(), p.tail_logp[i, :n].cpu())
+    return p[i, :n].cpu()
+
+
+def _stack_rows(rows: list, K: int):
+    """Cached per-row distributions laid out as a batch of K response positions (padding: zeros / no mass)."""
+    def pad(x, value):
+        out = torch.full((K, *x.shape[1:]), value, dtype=x.dtype)
+        out[: len(x)] = x[:K]
+        return out
+    if isinstance(rows[0], losses.TopKProbs):
+        return losses.TopKProbs(torch.stack([pad(r.ids, 0) for r in rows]), torch.stack([pad(r.logp, float("-inf")) for r in rows]),
+                                torch.stack([pad(r.tail_logp, float("-inf")) for r in rows]))
+    return torch.stack([pad(r, 0.0) for r in rows])

@@ -68,7 +68,7 @@ class TinyRunAssets:
             "eval": {"every": 0, "valid_seeds": [10], "test_seeds": [10], "max_new_tokens": 4, "batch_size": 8,
                      "before": False, "teacher": False},
             "optim": {"lr": 1e-3, "schedule": "constant"},
-            "pbkd": {"pairs_per_round": 6, "mle_steps": 3, "bt_batch_size": 4,
+            "pbkd": {"pairs_per_round": 6, "mle_steps": 3, "bt_batch_size": 4, "adversary_lr": 1e-3,
                      "judge_options": {"reward": "rouge_l", "reward_scale": 10.0},
                      "rm_config": {"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2}},
             "batch_size": 4, "max_steps": 4, "log_every": 1, "save_every": 0, "num_threads": 1,
@@ -133,6 +133,7 @@ class WordAssets:
             "pg": {"reward": "rouge_l", "reward_scale": 1.0, "lr": 1e-2, "samples_per_prompt": 4, "ppo_epochs": 2,
                    "beta_kl": 0.0, "missing_eos_penalty": 0.0},
             "pbkd": {"pairs_per_round": 16, "judge_options": {"reward": "rouge_l", "reward_scale": 10.0},
+                     "mle_steps": 200, "mle_lr": 1e-2, "adversary_lr": 1e-3, "adversary_steps": 10,
                      "rm_config": {"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2}},
             "batch_size": 8, "max_steps": 30, "log_every": 1, "save_every": 0, "num_threads": 1,
         }

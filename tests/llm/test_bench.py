@@ -30,6 +30,8 @@ def test_quick_bench_writes_the_scratch_folder_with_its_environment(tmp_path, mo
         assert summary[f"step_vs_floor_{name}"] == steps[name]["s_per_step"] / steps[name]["floor_s_per_step"]
         assert steps[name]["response_tokens_per_step"] > 0
     assert "floor_s_per_step" not in steps["pbkd"] and steps["pbkd"]["s_per_step"] > 0
+    game = written["game"]["results"]
+    assert summary["mm_pbkd_vs_pbkd"] == game["mm_pbkd"]["s_per_step"] / game["pbkd"]["s_per_step"]
     assert summary["topk_speedup_fkl_k8"] == written["topk"]["k"]["k8"]["speedup"]
     errors = written["topk"]["errors"]["fkl"]["k8"]
     assert 0 <= errors["value_rel_error"] < 1 and errors["grad_rel_error"] > 0

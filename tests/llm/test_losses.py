@@ -790,3 +790,50 @@ def test_mm_pbkd_adversary_loss():
     off, on, nll = torch.tensor(0.4), torch.tensor(-0.2), torch.tensor(0.75)
     got = L.mm_pbkd_adversary_loss(off, on, nll, nll_ref=0.5, zeta_over_n=0.05, lam=3.0, beta=0.25)
     assert float(got) == pytest.approx(-(0.25 * 0.4 + 0.75 * -0.2) + 3.0 * (0.75 - 0.5 - 0.05), rel=1e-6)
+
+
+# --------------------------------------------------------------------------------------
+# TopKProbs: the teacher's sparse distribution where the Q-head's expectation needs it
+# --------------------------------------------------------------------------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 10_000), st.integers(1, 7))
+def test_topk_expectation_is_within_tail_mass_times_the_tails_range_and_exact_for_a_flat_tail(seed, k):
+    """<p, f> from the top k: |error| <= tail mass * (max - min of f off the top k), computed by a
+    loop; exact when f is constant off the top k, and equal to the dense value at k = V."""
+    g = torch.Generator().manual_seed(seed)
+    V = 8
+    logits = 2 * torch.randn(2, 3, V, generator=g, dtype=torch.float64)
+    f = torch.randn(2, 3, V, generator=g, dtype=torch.float64)
+    p = torch.softmax(logits, -1)
+    dense = (p * f).sum(-1)
+    sparse = L.TopKProbs(*L.teacher_topk(logits, k))
+    got = sparse.expected(f)
+    for b in range(2):
+        for t in range(3):
+            top = set(sparse.ids[b, t].tolist())
+            tail = [f[b, t, v].item() for v in range(V) if v not in top]
+            mass = sum(p[b, t, v].item() for v in range(V) if v not in top)
+            spread = (max(tail) - min(tail)) if tail else 0.0
+            assert abs(got[b, t].item() - dense[b, t].item()) <= mass * spread + 1e-12
+    flat = f.clone()
+    for b in range(2):
+        for t in range(3):
+            keep = sparse.ids[b, t]
+            values = flat[b, t, keep].clone()
+            flat[b, t] = 0.5
+            flat[b, t, keep] = values
+    assert torch.allclose(sparse.expected(flat), (p * flat).sum(-1), atol=1e-12)
+    assert torch.allclose(L.TopKProbs(*L.teacher_topk(logits, V)).expected(f), dense, atol=1e-12)
+
+
+def test_induced_reward_takes_the_teacher_as_topk_and_equals_the_dense_one_at_k_equal_V():
+    torch.manual_seed(4)
+    logits, f = torch.randn(2, 4, 5, dtype=torch.float64), torch.randn(2, 4, 5, dtype=torch.float64)
+    actions, mask = torch.randint(0, 5, (2, 4)), torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    dense = L.induced_sequence_reward(f, torch.softmax(logits, -1), actions, mask)
+    sparse = L.induced_sequence_reward(f, L.TopKProbs(*L.teacher_topk(logits, 5)), actions, mask)
+    assert torch.allclose(dense, sparse, atol=1e-12)
+    with pytest.raises(ValueError, match="top-k"):
+        L.induced_sequence_reward(f, L.TopKProbs(*L.teacher_topk(logits[:1], 5)), actions, mask)
