@@ -10,6 +10,7 @@ same run with the student's gradient flipped, or with its loss detached, must no
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -130,3 +131,13 @@ def test_rloo_raises_the_known_reward_and_would_not_with_a_flipped_or_detached_s
         assert after > before + 0.25, (before, after)
     else:
         assert after < before + 0.05, (fault, before, after)
+
+
+def test_the_seqkd_anchor_adds_the_teacher_responses_cross_entropy(word_assets, tmp_path):
+    """loss = PPO surrogate + pg.seqkd_weight * cross-entropy on the cached teacher responses, as logged."""
+    out = trainer.train(load_config(word_assets.config(tmp_path, "rloo", **{"pg.seqkd_weight": 0.5, "max_steps": 4})))
+    records = [json.loads(line) for line in (Path(out["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["split"] == "train"]
+    assert len(train) == 4
+    for r in train:
+        assert r["seqkd_loss"] > 0 and r["loss"] == pytest.approx(r["pg_loss"] + 0.5 * r["seqkd_loss"], rel=1e-5)
