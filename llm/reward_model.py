@@ -153,17 +153,19 @@ class RewardModel(nn.Module):
                                position_ids=position_ids_from_mask(mask)).last_hidden_state
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(mask)]
 
-    def head_rewards(self, features: Tensor) -> Tensor:
-        """Bounded rewards from features (``B tanh(head(h) / B)``), shape ``(B,)``, the raw output checked finite."""
+    def head_raw(self, features: Tensor) -> Tensor:
+        """The unbounded head output on features, shape ``(B,)``, checked finite."""
         raw = self.head(features.to(self.head.weight.dtype)).squeeze(-1).float()
         _raise_non_finite("reward model r_phi", raw, torch.ones_like(raw, dtype=torch.bool))
-        return bounded(raw, self.bound)
+        return raw
+
+    def head_rewards(self, features: Tensor) -> Tensor:
+        """Bounded rewards from features, ``B tanh(head(h) / B)``, shape ``(B,)``."""
+        return bounded(self.head_raw(features), self.bound)
 
     def raw_rewards(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """The unbounded head output at each row's last token, shape ``(B,)``, checked finite."""
-        raw = self.head(self.features(input_ids, attention_mask)).squeeze(-1).float()
-        _raise_non_finite("reward model r_phi", raw, torch.ones_like(raw, dtype=torch.bool))
-        return raw
+        return self.head_raw(self.features(input_ids, attention_mask))
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Bounded rewards ``r_phi(x, y)``, shape ``(B,)``, each in ``(-B, B)``."""

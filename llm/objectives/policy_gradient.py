@@ -40,6 +40,14 @@ RewardFn = Callable[[list[Example], Rollout, int], torch.Tensor]
 -> the reward of every rollout row."""
 
 
+def seqkd_anchor(run: Run, micro: dict, totals: dict) -> torch.Tensor:
+    """The optional seqkd anchor: cross-entropy on the micro-batch's teacher responses ``micro["T"]``,
+    normalised by the whole batch's teacher tokens."""
+    T = micro["T"]
+    loss = losses.sft_loss(logits_of(run.student, T, run), T["labels"], T["response_mask"])
+    return loss * float(micro["counts"]["teacher_tokens"] / totals["teacher_tokens"])
+
+
 class StudentStep:
     """The student step of spec section 2a over rollout batches that live `pg.ppo_epochs` steps."""
 
@@ -78,16 +86,19 @@ class StudentStep:
         k, cfg = g.samples_per_prompt, run.cfg
         y = student_rollouts(run, examples, seed=cfg.seed * 7919 + step, k=k)
         r = reward(examples, y, step).detach().float().cpu()
-        kl, lengths = [], []
+        shaped, kl, lengths = [], [], []
         for part in chunks(list(range(len(y))), run.micro_batch_size * k):
-            S = encode_rollout(run, y[part[0] : part[-1] + 1])
-            ref = self.token_log_probs(self.reference, S)
-            _, kl_part = losses.kl_penalised_rewards(torch.zeros(len(part)), S["logprobs"], ref, S["response_mask"], 0.0)
+            rows = slice(part[0], part[-1] + 1)
+            S = encode_rollout(run, y[rows])
+            R_part, kl_part = losses.kl_penalised_rewards(r[rows].to(run.device), S["logprobs"],
+                                                          self.token_log_probs(self.reference, S), S["response_mask"],
+                                                          g.beta_kl)
+            shaped.append(R_part.cpu())
             kl.append(kl_part.cpu())
             lengths.append(S["response_mask"].sum(1).float().cpu())
         kl, lengths = torch.cat(kl), torch.cat(lengths)
         truncated = torch.tensor(y.truncated, dtype=torch.float32)
-        R = r - g.beta_kl * kl - g.missing_eos_penalty * truncated
+        R = torch.cat(shaped) - g.missing_eos_penalty * truncated
         advantages = losses.group_advantages(R.view(len(examples), k), whiten=g.whiten).reshape(-1)
         return {"step": step, "prompts": [ex.prompt for ex in examples], "rollout": y,
                 "advantages": advantages.tolist(),
@@ -123,9 +134,7 @@ class StudentStep:
         metrics = {"pg_loss": float(out.loss.detach()), "clip_fraction": float(out.clip_fraction) * w,
                    "ratio_mean": float(out.ratio_mean) * w}
         if self.g.seqkd_weight > 0:
-            T = micro["T"]
-            anchor = losses.sft_loss(logits_of(run.student, T, run), T["labels"], T["response_mask"])
-            anchor = anchor * float(micro["counts"]["teacher_tokens"] / totals["teacher_tokens"])
+            anchor = seqkd_anchor(run, micro, totals)
             loss = loss + self.g.seqkd_weight * anchor
             metrics["seqkd_loss"] = float(anchor.detach())
         metrics |= {k: v * w for k, v in self.batch["stats"].items()}
@@ -157,7 +166,7 @@ class RLOO(Objective):
             raise ValueError("rloo's answer_accuracy reward needs training examples that carry their answers (as the "
                              "testbed's do); set pg.reward=rouge_l")
         self.reward_fn = REWARDS[g.reward](g.reward_scale)
-        self.step = StudentStep(run)
+        self.student_step = StudentStep(run)
         self.uses_teacher_responses = g.seqkd_weight > 0
 
     def rewards(self, examples: list[Example], y: Rollout, step: int) -> torch.Tensor:
@@ -168,14 +177,14 @@ class RLOO(Objective):
         return torch.tensor([self.reward_fn(queries[i // k], text) for i, text in enumerate(texts)])
 
     def make_batch(self, examples, step):
-        self.step.current(examples, step, self.rewards)
-        return self.step.micro_batches(self.teacher_cache)
+        self.student_step.current(examples, step, self.rewards)
+        return self.student_step.micro_batches(self.teacher_cache)
 
     def loss(self, micro, totals, diagnostics):
-        return self.step.loss(micro, totals)
+        return self.student_step.loss(micro, totals)
 
     def state_dict(self):
-        return self.step.state_dict()
+        return self.student_step.state_dict()
 
     def load_state_dict(self, state):
-        self.step.load_state_dict(state)
+        self.student_step.load_state_dict(state)

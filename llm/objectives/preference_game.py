@@ -66,7 +66,7 @@ from llm.evaluate import has_answers
 from llm.judges import PreferenceQuery, make_judge
 from llm.models import pruned_student, small_config_like
 from llm.objectives.base import Objective
-from llm.objectives.policy_gradient import StudentStep
+from llm.objectives.policy_gradient import StudentStep, seqkd_anchor
 from llm.preference_store import PreferenceStore
 from llm.reward_model import NonFiniteRewardError, QHead, RewardModel
 from llm.rollout import Rollout, encode_rollout, encode_teacher_responses, student_rollouts
@@ -133,10 +133,6 @@ class _PreferenceGame(Objective):
         if self.p.judge == "bt_oracle":
             options.setdefault("seed", self.cfg.seed)
         return options
-
-    @property
-    def zeta_over_n(self) -> float:
-        return self.p.zeta / len(self.D)
 
     def guarded(self, fn, *args):
         """Run an adversary computation; a non-finite output stops the run naming the last good checkpoint."""
@@ -320,10 +316,6 @@ class PbKD(_PreferenceGame):
         phi1, phi0, labels = data
         return losses.bt_nll(self.adversary.head_rewards(phi1), self.adversary.head_rewards(phi0), labels)
 
-    @property
-    def zeta_over_n(self) -> float:
-        return self.p.zeta / max(1, sum(not _held_out(r, self.p.heldout_fraction) for r in self.D))
-
     # ---- the round's fit and the Lagrangian steps ------------------------------------------------
 
     def fit_round(self, round_index, records):
@@ -358,22 +350,22 @@ class PbKD(_PreferenceGame):
 
     def lagrangian_steps(self, n: int, phi_T: torch.Tensor, phi_S: torch.Tensor, fit) -> dict:
         """n Lagrangian steps with dual ascent, the BT NLL exact on all of D_fit; the last step's values."""
-        positive = 0
+        positive, radius = 0, self.p.zeta / len(fit[2])  # zeta / |D_fit|
         for _ in range(n):
             nll = self.guarded(self.bt_nll, fit)
             r_T, r_S = self.adversary.head_rewards(phi_T), self.adversary.head_rewards(phi_S)
-            loss = losses.pbkd_adversary_loss(r_T, r_S, nll, self.nll_ref, self.zeta_over_n, self.lam)
+            loss = losses.pbkd_adversary_loss(r_T, r_S, nll, self.nll_ref, radius, self.lam)
             self.adversary_optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.adversary_optimizer.step()
-            violation = losses.bt_constraint_violation(float(nll.detach()), self.nll_ref, self.zeta_over_n)
+            violation = losses.bt_constraint_violation(float(nll.detach()), self.nll_ref, radius)
             self.lam = losses.dual_ascent(self.lam, violation, self.p.dual_lr)
             positive += self.lam > 0
         with torch.no_grad():
             nll = float(self.bt_nll(fit))
             gap = float(self.adversary.head_rewards(phi_T).mean() - self.adversary.head_rewards(phi_S).mean())
         self.step_adversary = {"lam": self.lam, "lam_positive": positive / max(1, n), "bt_nll": nll,
-                               "nll_ref": self.nll_ref, "bt_bound": self.nll_ref + self.zeta_over_n, "reward_gap": gap}
+                               "nll_ref": self.nll_ref, "bt_bound": self.nll_ref + radius, "reward_gap": gap}
         return dict(self.step_adversary)
 
     def rollout_rewards(self, examples: list[Example], y_S: Rollout, step: int) -> torch.Tensor:
@@ -423,6 +415,10 @@ class MMPbKD(_PreferenceGame):
 
     def build_adversary(self):
         return QHead(self.backbone(), bound=self.p.q_bound)
+
+    @property
+    def zeta_over_n(self) -> float:
+        return self.p.zeta / len(self.D)
 
     # ---- the Q-head's minibatch BT likelihood, MLE warm start and Lagrangian steps -----------------
 
@@ -528,16 +524,11 @@ class MMPbKD(_PreferenceGame):
         y_S = self.student_samples(examples, step)
         return y_S, encode_rollout(self.run, y_S), encode_teacher_responses(self.run, examples, self.teacher_cache)
 
-    def seqkd_term(self, micro, totals) -> torch.Tensor:
-        T = micro["T"]
-        logits = logits_of(self.run.student, T, self.run)
-        return losses.sft_loss(logits, T["labels"], T["response_mask"]) * float(micro["counts"]["teacher_tokens"] / totals["teacher_tokens"])
-
     def finish_loss(self, loss, metrics: dict, micro, totals, w: float) -> tuple[torch.Tensor, dict]:
         """The student loss of a micro-batch plus the optional seqkd term; the step's adversary
         diagnostics (weighted by the micro-batch's share w) and the total loss join the metrics."""
         if self.cfg.pg.seqkd_weight > 0:
-            sk = self.seqkd_term(micro, totals)
+            sk = seqkd_anchor(self.run, micro, totals)
             loss = loss + self.cfg.pg.seqkd_weight * sk
             metrics["seqkd_loss"] = float(sk.detach())
         metrics |= {k: v * w for k, v in self.step_adversary.items()}

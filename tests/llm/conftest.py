@@ -42,6 +42,28 @@ def gpt2_tokenizer():
     return load_tokenizer(GPT2_TOKENIZER_NAME)
 
 
+def _files_run(root: Path, tmp_path: Path, *, max_prompt_tokens: int, max_length: int) -> dict:
+    """The part of a quick run's config that names its folders, its models in `root` and its JSONL data."""
+    return {
+        "run_name": "run", "out_dir": str(tmp_path / "runs"), "cache_dir": str(tmp_path / "cache"),
+        "teacher": str(root / "teacher"), "student": str(root / "student"), "student_init": "pretrained",
+        "data": {"source": "files", "train_file": str(root / "train.jsonl"), "valid_file": str(root / "valid.jsonl"),
+                 "test_file": str(root / "test.jsonl"), "max_prompt_tokens": max_prompt_tokens,
+                 "max_length": max_length},
+    }
+
+
+def _with_overrides(cfg: dict, overrides: dict) -> dict:
+    """`cfg` with `overrides` set in place; a dotted key reaches into its sections."""
+    for key, value in overrides.items():
+        section = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            section = section.setdefault(p, {})
+        section[leaf] = value
+    return cfg
+
+
 WORDS = "red green blue cat dog sun moon tree river stone apple bread lamp cloud".split()
 
 
@@ -58,12 +80,8 @@ class TinyRunAssets:
         """A `pbkd` run of 4 steps on the tiny assets; dotted keys of `overrides` reach into sections."""
         root = self.root
         cfg = {
-            "run_name": "run", "out_dir": str(tmp_path / "runs"), "cache_dir": str(tmp_path / "cache"),
-            "teacher": str(root / "teacher"), "student": str(root / "student"), "student_init": "pretrained",
+            **_files_run(root, tmp_path, max_prompt_tokens=48, max_length=64),
             "objective": "pbkd",
-            "data": {"source": "files", "train_file": str(root / "train.jsonl"),
-                     "valid_file": str(root / "valid.jsonl"), "test_file": str(root / "test.jsonl"),
-                     "max_prompt_tokens": 48, "max_length": 64},
             "generation": {"max_new_tokens": 5, "batch_size": 8},
             "eval": {"every": 0, "valid_seeds": [10], "test_seeds": [10], "max_new_tokens": 4, "batch_size": 8,
                      "before": False, "teacher": False},
@@ -73,13 +91,7 @@ class TinyRunAssets:
                      "rm_config": {"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2}},
             "batch_size": 4, "max_steps": 4, "log_every": 1, "save_every": 0, "num_threads": 1,
         }
-        for key, value in overrides.items():
-            section = cfg
-            *parents, leaf = key.split(".")
-            for p in parents:
-                section = section.setdefault(p, {})
-            section[leaf] = value
-        return cfg
+        return _with_overrides(cfg, overrides)
 
 
 @pytest.fixture(scope="session")
@@ -120,12 +132,8 @@ class WordAssets:
         `rloo` and the `bt_oracle` judge); dotted keys of `overrides` reach into sections. Returns the YAML path."""
         root = self.root
         cfg = {
-            "run_name": "run", "out_dir": str(tmp_path / "runs"), "cache_dir": str(tmp_path / "cache"),
-            "teacher": str(root / "teacher"), "student": str(root / "student"), "student_init": "pretrained",
+            **_files_run(root, tmp_path, max_prompt_tokens=32, max_length=48),
             "objective": objective, "seed": 3,
-            "data": {"source": "files", "train_file": str(root / "train.jsonl"),
-                     "valid_file": str(root / "valid.jsonl"), "test_file": str(root / "test.jsonl"),
-                     "max_prompt_tokens": 32, "max_length": 48},
             "generation": {"max_new_tokens": 4, "batch_size": 32, "teacher_greedy": True},
             "eval": {"every": 0, "valid_seeds": [10], "test_seeds": [10], "max_new_tokens": 4, "batch_size": 8,
                      "before": False, "teacher": False, "test": False},
@@ -137,15 +145,18 @@ class WordAssets:
                      "rm_config": {"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2}},
             "batch_size": 8, "max_steps": 30, "log_every": 1, "save_every": 0, "num_threads": 1,
         }
-        for key, value in overrides.items():
-            section = cfg
-            *parents, leaf = key.split(".")
-            for p in parents:
-                section = section.setdefault(p, {})
-            section[leaf] = value
         path = tmp_path / "config.yaml"
-        path.write_text(yaml.safe_dump(cfg))
+        path.write_text(yaml.safe_dump(_with_overrides(cfg, overrides)))
         return path
+
+    def reward_before_after(self, tmp_path: Path, objective: str, **overrides) -> tuple[float, float]:
+        """The student's expected reward before and after a quick `objective` run (config: :meth:`config`)."""
+        from llm import train as trainer
+        from llm.config import load_config
+
+        before = self.expected_reward(self.root / "student")
+        out = trainer.train(load_config(self.config(tmp_path, objective, **overrides)))
+        return before, self.expected_reward(Path(out["run_dir"]) / "checkpoints" / "latest")
 
     def expected_reward(self, model_dir: Path) -> float:
         """Mean Rouge-L reward of 8 samples per training prompt (a fixed seed): the Monte-Carlo E_{y~q} r."""

@@ -184,12 +184,10 @@ def test_pbkd_raises_the_judges_reward_and_would_not_with_a_flipped_or_detached_
     never sees) must rise. The same run with the student's loss negated or detached must not.
     (Offline, from one D of 64 pairs, the student finds responses the reward model overrates --
     "blue blue blue blue" -- and the true reward falls: the online rounds label those and correct it.)"""
-    before = word_assets.expected_reward(word_assets / "student")
     if fault is not None:
         plant_student_fault(fault)
-    config = word_assets.config(tmp_path, "pbkd", **{"online.rounds": 5, "pbkd.rm_init": "pruned", "pbkd.rm_layers": [0]})
-    out = trainer.train(load_config(config))
-    after = word_assets.expected_reward(Path(out["run_dir"]) / "checkpoints" / "latest")
+    before, after = word_assets.reward_before_after(
+        tmp_path, "pbkd", **{"online.rounds": 5, "pbkd.rm_init": "pruned", "pbkd.rm_layers": [0]})
     if fault is None:
         assert after > before + 0.15, (before, after)
     else:
@@ -204,14 +202,11 @@ def test_mm_pbkd_raises_the_judges_reward_and_would_not_with_a_flipped_or_detach
     The BT link uses the summed induced reward here (`mm_length_normalize=false`): on these
     3-to-4-token responses the length-normalised link (the default, for long responses) was
     measured to leave the student worse (Rouge-L 0.21 -> 0.16, against 0.97 summed)."""
-    before = word_assets.expected_reward(word_assets / "student")
     if fault is not None:
         plant_student_fault(fault, MMPbKD)
-    config = word_assets.config(tmp_path, "mm_pbkd", **{"optim.lr": 1e-2, "pbkd.adversary_steps": 2,
-                                                        "pbkd.mle_steps": 30, "pbkd.mle_lr": 1e-3,
-                                                        "pbkd.mm_length_normalize": False})
-    out = trainer.train(load_config(config))
-    after = word_assets.expected_reward(Path(out["run_dir"]) / "checkpoints" / "latest")
+    before, after = word_assets.reward_before_after(
+        tmp_path, "mm_pbkd", **{"optim.lr": 1e-2, "pbkd.adversary_steps": 2, "pbkd.mle_steps": 30,
+                                "pbkd.mle_lr": 1e-3, "pbkd.mm_length_normalize": False})
     if fault is None:
         assert after > before + 0.3, (before, after)
     else:

@@ -122,11 +122,9 @@ def test_ppo_clipped_loss_at_the_sampling_policy_is_the_token_mean_reinforce_gra
 @pytest.mark.parametrize("fault", [None, "flipped", "detached"])
 def test_rloo_raises_the_known_reward_and_would_not_with_a_flipped_or_detached_student_loss(
         word_assets, plant_student_fault, tmp_path, fault):
-    before = word_assets.expected_reward(word_assets / "student")
     if fault is not None:
         plant_student_fault(fault)
-    out = trainer.train(load_config(word_assets.config(tmp_path, "rloo")))
-    after = word_assets.expected_reward(Path(out["run_dir"]) / "checkpoints" / "latest")
+    before, after = word_assets.reward_before_after(tmp_path, "rloo")
     if fault is None:
         assert after > before + 0.25, (before, after)
     else:
