@@ -151,8 +151,8 @@ class PbKDConfig:
         "against the round's labelled student samples, then frozen for the round) or inner (`adversary_steps` "
         "Lagrangian steps on every rollout batch before the student trains on it)", choices=("refit", "inner"))
     refit_steps: int = _field(200, "Lagrangian steps of the per-round refit (timescale=refit)")
-    adversary_steps: int = _field(1, "K_adv: adversary steps (each followed by dual ascent) per rollout batch "
-                                      "(pbkd timescale=inner) or per student step (mm_pbkd)")
+    adversary_steps: int = _field(1, "K_adv: adversary steps (each followed by dual ascent) per rollout batch, "
+                                      "before it is scored (pbkd timescale=inner, and mm_pbkd)")
     heldout_fraction: float = _field(0.1, "share of D held out of the MLE and the constraint, to report how the "
                                           "reward model generalises (pbkd)")
     mle_lr: float = _field(1e-3, "learning rate of the MLE warm start on the BT likelihood")
@@ -167,12 +167,6 @@ class PbKDConfig:
     mm_length_normalize: bool = _field(True, "mm_pbkd: divide the induced reward r_f by the response length in the "
                                              "BT link (its sum grows with the length)")
     mm_beta: float = _field(0.5, "beta mixing the off-policy (beta) and on-policy (1-beta) moments (mm_pbkd)")
-    mm_student_gradient: str = _field(
-        "sequence_loo",
-        "mm_pbkd on-policy student gradient: sequence_loo (exact: leave-one-out REINFORCE of the induced reward) "
-        "or per_token_spec (the spec's per-token advantage; not the moment's exact gradient, see llm/objectives/preference_game.py)",
-        choices=("sequence_loo", "per_token_spec"),
-    )
 
 
 REWARD_NAMES = ("answer_accuracy", "rouge_l")

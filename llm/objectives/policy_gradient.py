@@ -105,8 +105,9 @@ class StudentStep:
                 "stats": {"reward": float(r.mean()), "kl_ref": float(kl.mean()), "response_length": float(lengths.mean()),
                           "truncated": float(truncated.mean()), "shaped_reward": float(R.mean())}}
 
-    def micro_batches(self, teacher_cache: dict) -> list[dict]:
-        """The current batch as micro-batches of whole prompts (their k rollouts), with token counts."""
+    def micro_batches(self, teacher_cache: dict, teacher_responses: bool = False) -> list[dict]:
+        """The current batch as micro-batches of whole prompts (their k rollouts), with token counts; with the
+        prompts' cached teacher responses ``T`` when the seqkd anchor or ``teacher_responses`` asks for them."""
         run, k, batch = self.run, self.g.samples_per_prompt, self.batch
         micros = []
         for part in chunks(list(range(len(batch["prompts"]))), run.micro_batch_size):
@@ -115,22 +116,23 @@ class StudentStep:
             micro = {"S": S, "advantages": torch.tensor(batch["advantages"][rows], device=run.device),
                      "counts": {"prompts": torch.tensor(len(part), device=run.device),
                                 "tokens": S["response_mask"].sum()}}
-            if self.g.seqkd_weight > 0:
+            if self.g.seqkd_weight > 0 or teacher_responses:
                 examples = [Example(prompt=batch["prompts"][i], response="") for i in part]
                 micro["T"] = encode_teacher_responses(run, examples, teacher_cache)
                 micro["counts"]["teacher_tokens"] = micro["T"]["response_mask"].sum()
             micros.append(micro)
         return micros
 
-    def loss(self, micro: dict, totals: dict) -> tuple[torch.Tensor, dict]:
-        """The PPO-clipped surrogate of a micro-batch (token mean over the whole batch), plus the anchor."""
+    def loss(self, micro: dict, totals: dict, pg_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
+        """``pg_weight`` times the PPO-clipped surrogate of a micro-batch (token mean over the whole batch),
+        plus the anchor."""
         run, S = self.run, micro["S"]
         logits = logits_of(run.student, S, run).float() / run.cfg.generation.temperature
         token_logp = losses.token_log_probs(logits, S["labels"])
         out = losses.ppo_clipped_loss(token_logp, S["logprobs"], micro["advantages"], S["response_mask"],
                                       self.g.clip_eps, normaliser=totals["tokens"])
         w = float(micro["counts"]["prompts"] / totals["prompts"])
-        loss = out.loss
+        loss = pg_weight * out.loss
         metrics = {"pg_loss": float(out.loss.detach()), "clip_fraction": float(out.clip_fraction) * w,
                    "ratio_mean": float(out.ratio_mean) * w}
         if self.g.seqkd_weight > 0:

@@ -15,7 +15,8 @@ Two objectives, each in one class:
 * :class:`MMPbKD` (``objective=mm_pbkd``, white-box, Algorithm 3). A Q-head ``f_phi(s, .)``
   (:class:`llm.reward_model.QHead`) replaces the reward model; its induced sequence reward
   ``r_f`` enters the BT constraint, and the gap is ``beta * off-policy moment + (1 - beta) *
-  on-policy moment`` (:func:`llm.losses.mm_pbkd_adversary_loss`).
+  on-policy moment`` (:func:`llm.losses.mm_pbkd_adversary_loss`); the student trains on the same
+  stabilised step (see below).
 
 Preference data D (spec section 3) -- ``online.rounds`` decides the mode:
 
@@ -36,16 +37,18 @@ scores of the student entering the round, |D|, the judge's statistics and the ad
 the held-out part's NLL and accuracy). Every step logs the adversary's last values beside the
 student step's.
 
-Student gradient of ``mm_pbkd`` (``pbkd.mm_student_gradient``). The on-policy moment of a
-student rollout telescopes, ``sum_h [<p, f>(s_h) - f(s_h, y_h)] = <p, f>(s_0) - r_f(tau)``, so its
-exact policy gradient is the sequence-level REINFORCE of the induced reward: the default
-``sequence_loo`` applies :func:`llm.losses.leave_one_out_pg_loss` to ``r_f(tau)`` over the k samples
-of a prompt (``<p, f>(s_0)`` is the same for all of them and cancels in the baseline). The
-spec's literal per-token advantage ``-(<p, f>(s_h) - f(s_h, y_h))`` (``per_token_spec``,
-:func:`llm.losses.mm_pbkd_student_loss`) drops the credit a token gets from later tokens and
-is not the gradient of the moment; the exactness bridge (``llm/bridge.py``) shows it does not
-reach the exact min-max, so it is kept only as an option. The off-policy moment is
-differentiated directly through ``q(.|s_h)`` on teacher rollouts in both cases.
+Student of ``mm_pbkd``. The on-policy moment of a student rollout telescopes,
+``sum_h [<p, f>(s_h) - f(s_h, y_h)] = <p, f>(s_0) - r_f(tau)``, and ``<p, f>(s_0)`` is the same for
+every rollout of a prompt, so the moment's exact policy gradient is that of the sequence reward
+``r_f(tau)`` (summed, not length-normalised: the sum is what telescopes). The on-policy part is
+therefore the stabilised step of section 2a with ``r_f`` as its reward (k rollouts, KL to pi_ref,
+whitened leave-one-out advantages, PPO clip, ``pg.lr``), weighted ``1 - beta``; the off-policy
+moment on the teacher responses is differentiated directly through ``q(.|s_h)``, weighted ``beta``
+and token-mean normalised like the surrogate. The Q-head takes its ``pbkd.adversary_steps`` on each
+rollout batch when it is drawn, so it is frozen over the batch's ``pg.ppo_epochs`` steps. The
+spec's literal per-token advantage ``-(<p, f>(s_h) - f(s_h, y_h))`` drops the credit a token gets
+from later tokens and is not the moment's gradient; the exactness bridge (``llm/bridge.py``) keeps
+it (:func:`llm.losses.mm_pbkd_student_loss`) to show that it does not reach the exact min-max.
 
 Both objectives run in one process (``distributed=none``): the adversary is not sharded.
 """
@@ -66,7 +69,7 @@ from llm.evaluate import has_answers
 from llm.judges import PreferenceQuery, make_judge
 from llm.models import pruned_student, small_config_like
 from llm.objectives.base import Objective
-from llm.objectives.policy_gradient import StudentStep, seqkd_anchor
+from llm.objectives.policy_gradient import StudentStep
 from llm.preference_store import PreferenceStore
 from llm.reward_model import NonFiniteRewardError, QHead, RewardModel
 from llm.rollout import Rollout, encode_rollout, encode_teacher_responses, student_rollouts
@@ -80,7 +83,9 @@ class _PreferenceGame(Objective):
     with its optimiser, the dual variable ``lam`` and the rounds (label, append, fit, log)."""
 
     uses_teacher_responses = True
+    policy_gradient = True
     adversary_name = "adversary"
+    off_policy = False  # whether the student's loss also reads the teacher responses (mm_pbkd's off-policy moment)
 
     def __init__(self, run: Run):
         super().__init__(run)
@@ -102,6 +107,7 @@ class _PreferenceGame(Objective):
         self.round = -1
         self.judge_totals: dict = {}
         self.step_adversary: dict = {}
+        self.student_step = StudentStep(run)
 
     # ---- the adversary: built from its own small config, pruned teacher blocks or the initial student
 
@@ -204,6 +210,25 @@ class _PreferenceGame(Objective):
                 self.judge_totals[k] = self.judge_totals.get(k, 0) + v - before[k]
         return records
 
+    # ---- the student: the stabilised step of section 2a on the adversary's rewards -------------
+
+    def rollout_rewards(self, examples: list[Example], y_S: Rollout, step: int) -> torch.Tensor:
+        """The adversary's reward of every rollout of a new rollout batch (after its steps on the batch)."""
+        raise NotImplementedError
+
+    def make_batch(self, examples, step):
+        self.guarded(self.student_step.current, examples, step, self.rollout_rewards)
+        return self.student_step.micro_batches(self.teacher_cache, teacher_responses=self.off_policy)
+
+    def student_loss(self, micro: dict, totals: dict) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def loss(self, micro, totals, diagnostics):
+        """The student's loss of a micro-batch, with the adversary's last values (weighted by its share)."""
+        loss, metrics = self.student_loss(micro, totals)
+        w = float(micro["counts"]["prompts"] / totals["prompts"])
+        return loss, metrics | {k: v * w for k, v in self.step_adversary.items()}
+
     # ---- resume ------------------------------------------------------------------------------
 
     def adversary_state(self) -> dict:
@@ -215,7 +240,8 @@ class _PreferenceGame(Objective):
     def state_dict(self) -> dict:
         return {"adversary": self.adversary_state(), "adversary_optimizer": self.adversary_optimizer.state_dict(),
                 "lam": self.lam, "nll_ref": self.nll_ref, "round": self.round, "judge_totals": json.dumps(self.judge_totals),
-                "store_records": len(self.store), "step_adversary": json.dumps(self.step_adversary)}
+                "store_records": len(self.store), "step_adversary": json.dumps(self.step_adversary),
+                "student_step": self.student_step.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.load_adversary_state(state["adversary"])
@@ -223,6 +249,7 @@ class _PreferenceGame(Objective):
         self.lam, self.nll_ref, self.round = float(state["lam"]), float(state["nll_ref"]), int(state["round"])
         self.judge_totals = json.loads(state["judge_totals"])
         self.step_adversary = json.loads(state.get("step_adversary", "{}"))
+        self.student_step.load_state_dict(state.get("student_step", {}))
         if len(self.store) < int(state["store_records"]):
             raise ValueError(f"the preference store {self.store.path} holds {len(self.store)} records but the checkpoint "
                              f"was written with {state['store_records']}; it lost records since. Restore the store "
@@ -263,11 +290,9 @@ class PbKD(_PreferenceGame):
     stabilised step of section 2a (:class:`llm.objectives.policy_gradient.StudentStep`)."""
 
     adversary_name = "reward model r_theta"
-    policy_gradient = True
 
     def __init__(self, run: Run):
         super().__init__(run)
-        self.student_step = StudentStep(run)
         self.features: dict = {}  # (round, index) of a record -> (phi(x, tau1), phi(x, tau0)), frozen backbone
 
     def build_adversary(self):
@@ -384,27 +409,15 @@ class PbKD(_PreferenceGame):
             self.step_adversary["reward_teacher"] = float(self.adversary.head_rewards(phi_T).mean())
             return self.adversary.head_rewards(phi_S)
 
-    def make_batch(self, examples, step):
-        self.guarded(self.student_step.current, examples, step, self.rollout_rewards)
-        return self.student_step.micro_batches(self.teacher_cache)
-
-    def loss(self, micro, totals, diagnostics):
-        loss, metrics = self.student_step.loss(micro, totals)
-        w = float(micro["counts"]["prompts"] / totals["prompts"])
-        return loss, metrics | {k: v * w for k, v in self.step_adversary.items()}
-
-    def state_dict(self):
-        return super().state_dict() | {"student_step": self.student_step.state_dict()}
-
-    def load_state_dict(self, state):
-        super().load_state_dict(state)
-        self.student_step.load_state_dict(state.get("student_step", {}))
+    def student_loss(self, micro, totals):
+        return self.student_step.loss(micro, totals)
 
 
 class MMPbKD(_PreferenceGame):
     """``mm_pbkd``: Q-head f_phi vs student, moments mixed by beta, induced reward in the BT constraint."""
 
     adversary_name = "Q-head f_phi"
+    off_policy = True
 
     def __init__(self, run: Run):
         if not run.shared_vocabulary:
@@ -515,26 +528,6 @@ class MMPbKD(_PreferenceGame):
         self.step_adversary = {"lam": self.lam, "bt_nll": float(nll.detach()), "nll_ref": self.nll_ref,
                                "bt_bound": self.nll_ref + self.zeta_over_n, "reward_gap": float(gap)}
 
-    def student_samples(self, examples, step: int) -> Rollout:
-        """k rollouts of the current student per prompt (consecutive rows)."""
-        return student_rollouts(self.run, examples, seed=self.cfg.seed * 7919 + step, k=self.cfg.pg.samples_per_prompt)
-
-    def rollout_batches(self, examples, step: int):
-        """(the student rollouts, their batch S_all, the teacher responses' batch T_all) of a step."""
-        y_S = self.student_samples(examples, step)
-        return y_S, encode_rollout(self.run, y_S), encode_teacher_responses(self.run, examples, self.teacher_cache)
-
-    def finish_loss(self, loss, metrics: dict, micro, totals, w: float) -> tuple[torch.Tensor, dict]:
-        """The student loss of a micro-batch plus the optional seqkd term; the step's adversary
-        diagnostics (weighted by the micro-batch's share w) and the total loss join the metrics."""
-        if self.cfg.pg.seqkd_weight > 0:
-            sk = seqkd_anchor(self.run, micro, totals)
-            loss = loss + self.cfg.pg.seqkd_weight * sk
-            metrics["seqkd_loss"] = float(sk.detach())
-        metrics |= {k: v * w for k, v in self.step_adversary.items()}
-        metrics["loss"] = float(loss.detach())
-        return loss, metrics
-
     def f_values(self, batch) -> torch.Tensor:
         """f_phi(s_h, .) at the response positions, (B, K, V), aligned with batch["labels"]."""
         return self.adversary(batch["input_ids"], batch["attention_mask"], batch["positions"])
@@ -550,12 +543,13 @@ class MMPbKD(_PreferenceGame):
         on = losses.q_moment_on_policy(self.f_values(S), p_S, S["labels"], S["response_mask"])
         return off, on
 
-    def make_batch(self, examples, step):
-        """Each frozen quantity once a step: the teacher's p on the step's rollouts, the student's q on the
-        teacher responses (for the adversary), then f after the adversary's steps; micro-batches are row
-        slices of the step's batches."""
-        run, size, beta, k = self.run, self.run.micro_batch_size, self.p.mm_beta, self.cfg.pg.samples_per_prompt
-        y_S, S_all, T_all = self.rollout_batches(examples, step)
+    def rollout_rewards(self, examples: list[Example], y_S: Rollout, step: int) -> torch.Tensor:
+        """The adversary's steps on a new rollout batch, then the induced reward r_f(tau) of every rollout.
+
+        Each frozen quantity is computed once for the batch: the teacher's p on the rollouts and the
+        student's q on the teacher responses (the adversary's moments), then f after its steps."""
+        run, beta = self.run, self.p.mm_beta
+        S_all, T_all = encode_rollout(run, y_S), encode_teacher_responses(run, examples, self.teacher_cache)
         with torch.no_grad():
             q_T = torch.softmax(logits_of(run.student, T_all, run).float(), -1)
             p_S = self.teacher_distribution(S_all)
@@ -568,46 +562,33 @@ class MMPbKD(_PreferenceGame):
         self.adversary_update(lagrangian, step)
         with torch.no_grad():
             self.adversary.eval()
-            f_S, f_T = self.guarded(self.f_values, S_all), self.guarded(self.f_values, T_all)
-            r_f = losses.induced_sequence_reward(f_S, p_S, S_all["labels"], S_all["response_mask"])
-        micros = []
-        for i, part in enumerate(chunks(examples, size)):
-            prompts, rows = slice(i * size, i * size + len(part)), slice(i * size * k, (i * size + len(part)) * k)
-            S, T = _rows(S_all, rows), _rows(T_all, prompts)
-            micros.append({"S": S, "T": T, "f_T": f_T[prompts], "f_S": f_S[rows], "p_S": p_S[rows], "r_f": r_f[rows],
-                           "counts": {"prompts": torch.tensor(len(part), device=run.device),
-                                      "teacher_tokens": T["response_mask"].sum()}})
+            f_S = self.guarded(self.f_values, S_all)
+            return losses.induced_sequence_reward(f_S, p_S, S_all["labels"], S_all["response_mask"])
+
+    def make_batch(self, examples, step):
+        """The student step's micro-batches, each with f of the current Q-head on its teacher responses. The
+        Q-head moves when a rollout batch is drawn and when a round starts, so f is that of the batch's
+        draw at every step that reuses it unless a round boundary falls inside the batch (then that of
+        the round's fit); a resume restores the Q-head, so it recomputes the same f."""
+        micros = super().make_batch(examples, step)
+        with torch.no_grad():
+            self.adversary.eval()
+            for micro in micros:
+                micro["f_T"] = self.guarded(self.f_values, micro["T"])
         return micros
 
-    def loss(self, micro, totals, diagnostics):
-        run, S, T, k, beta = self.run, micro["S"], micro["T"], self.cfg.pg.samples_per_prompt, self.p.mm_beta
-        w = float(micro["counts"]["prompts"] / totals["prompts"])
+    def student_loss(self, micro, totals):
+        """``(1 - beta)`` times the student step's PPO surrogate on r_f (the on-policy moment's gradient, by
+        telescoping) plus ``beta`` times the off-policy moment on the teacher responses, differentiated
+        through q and token-mean normalised over the batch's teacher tokens as the surrogate is over its
+        rollout tokens."""
+        run, T, beta = self.run, micro["T"], self.p.mm_beta
+        pg_loss, metrics = self.student_step.loss(micro, totals, pg_weight=1 - beta)
         q_T = torch.softmax(logits_of(run.student, T, run).float(), -1)
-        s_logits = logits_of(run.student, S, run)
-        if self.p.mm_student_gradient == "sequence_loo":
-            # exact: grad of the on-policy moment = -grad E_q r_f(tau) (telescoping), by leave-one-out REINFORCE
-            off = losses.q_moment_off_policy(micro["f_T"], q_T, T["labels"], T["response_mask"])
-            logp = losses.sequence_log_prob(s_logits, S["labels"], S["response_mask"]).view(-1, k)
-            on_surrogate = losses.leave_one_out_pg_loss(logp, micro["r_f"].view(-1, k))
-            on = losses.q_moment_on_policy(micro["f_S"], micro["p_S"], S["labels"], S["response_mask"])
-            student_loss = beta * off + (1 - beta) * on_surrogate
-        else:  # the spec's per-token advantage -(<p, f>(s_h) - f(s_h, y_h)) (not the moment's exact gradient)
-            out = losses.mm_pbkd_student_loss(
-                off_f_values=micro["f_T"], off_student_probs=q_T, off_actions=T["labels"], off_mask=T["response_mask"],
-                on_f_values=micro["f_S"], on_teacher_probs=micro["p_S"], on_actions=S["labels"],
-                on_mask=S["response_mask"], on_student_token_logp=losses.token_log_probs(s_logits, S["labels"]),
-                beta=beta)
-            student_loss, off, on = out.loss, out.off_moment, out.on_moment
-        loss = student_loss * w
-        metrics = {"student_loss": float(loss.detach()), "off_moment": float(off.detach()) * w,
-                   "on_moment": float(on.detach()) * w, "moment_gap": float(beta * off.detach() + (1 - beta) * on) * w,
-                   "induced_reward_student": float(micro["r_f"].mean()) * w}
-        return self.finish_loss(loss, metrics, micro, totals, w)
-
-
-def _rows(batch: dict, rows: slice) -> dict:
-    """Rows of a training batch (every tensor sliced along its first dimension)."""
-    return {k: v[rows] for k, v in batch.items()}
+        off = losses.q_moment_off_policy(micro["f_T"], q_T, T["labels"], T["response_mask"])
+        loss = pg_loss + beta * off * len(T["labels"]) / totals["teacher_tokens"]
+        w = float(micro["counts"]["prompts"] / totals["prompts"])
+        return loss, metrics | {"off_moment": float(off.detach()) * w, "loss": float(loss.detach())}
 
 
 def _row(p, i: int, n: int):

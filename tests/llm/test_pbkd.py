@@ -197,16 +197,16 @@ def test_pbkd_raises_the_judges_reward_and_would_not_with_a_flipped_or_detached_
 @pytest.mark.parametrize("fault", [None, "flipped", "detached"])
 def test_mm_pbkd_raises_the_judges_reward_and_would_not_with_a_flipped_or_detached_student_loss(
         word_assets, plant_student_fault, tmp_path, fault):
-    """Offline mm_pbkd on the word-level assets (the Q-head's output is the 11-word vocabulary):
-    the student's expected Rouge-L must rise, and must not with its loss negated or detached.
-    The BT link uses the summed induced reward here (`mm_length_normalize=false`): on these
-    3-to-4-token responses the length-normalised link (the default, for long responses) was
-    measured to leave the student worse (Rouge-L 0.21 -> 0.16, against 0.97 summed)."""
+    """Offline mm_pbkd on the word-level assets (the Q-head's output is the 11-word vocabulary): the
+    student, trained by the student step on the induced reward r_f plus the off-policy moment, must
+    raise its expected Rouge-L, and must not with its loss negated or detached. The Q-head takes 10
+    Lagrangian steps on each rollout batch (two timescales); measured over seeds 3 to 6, this reaches
+    0.99 to 1.0 offline and online (5 rounds), while 2 steps a batch reach 0.33 to 1.0 and a frozen
+    MLE Q-head drives the reward to 0.0 (the student exploits r_f of a head that never maximised the gap)."""
     if fault is not None:
         plant_student_fault(fault, MMPbKD)
     before, after = word_assets.reward_before_after(
-        tmp_path, "mm_pbkd", **{"optim.lr": 1e-2, "pbkd.adversary_steps": 2, "pbkd.mle_steps": 30,
-                                "pbkd.mle_lr": 1e-3, "pbkd.mm_length_normalize": False})
+        tmp_path, "mm_pbkd", **{"pbkd.adversary_steps": 10, "pbkd.mle_steps": 30, "pbkd.mle_lr": 1e-3})
     if fault is None:
         assert after > before + 0.3, (before, after)
     else:
@@ -218,7 +218,7 @@ def test_mm_pbkd_raises_the_judges_reward_and_would_not_with_a_flipped_or_detach
     (["pbkd.judge=gpt5"], f"valid choices: {list(JUDGES)}"),
     (["pg.samples_per_prompt=1"], "samples_per_prompt >= 2"),
     (["pbkd.rm_init=pruned"], "needs pbkd.rm_layers"),
-    (["pbkd.mm_student_gradient=exact"], "valid choices: ['sequence_loo', 'per_token_spec']"),
+    (["pbkd.timescale=both"], "valid choices: ['refit', 'inner']"),
 ])
 def test_unknown_objective_judge_or_parameter_is_refused_with_the_valid_list(tmp_path, overrides, message):
     path = _write(tmp_path, {"student_init": "pruned", "student_layers": [0], "objective": "pbkd"})
@@ -253,16 +253,30 @@ def test_non_finite_reward_stops_the_run_and_keeps_the_last_checkpoint(assets, t
 # ---------------------------------------------------------------------------------------------
 
 
-def test_mm_pbkd_runs_online(assets, tmp_path):
+def test_mm_pbkd_runs_online_and_a_resume_inside_a_rollout_batch_reproduces_its_second_step(assets, tmp_path):
+    """Two steps of one rollout batch (pg.ppo_epochs 2): the Q-head moves only when the batch is drawn, so
+    both steps log the same adversary values (a Q-head stepped again at the second step would log another
+    minibatch's BT NLL); and a run stopped after the first step and resumed (the checkpoint holds the
+    batch and the Q-head) must reproduce the second step's loss, which f of the teacher responses taken
+    from a Q-head the checkpoint did not restore would not."""
     # the Q-head's output is vocabulary-wide (50,257 GPT-2 tokens): keep the run small
-    out = _train(assets, tmp_path, objective="mm_pbkd", batch_size=2, max_steps=2,
-                 **{"online.rounds": 2, "pbkd.pairs_per_round": 2, "pbkd.bt_batch_size": 2, "pbkd.mle_steps": 1,
-                    "pbkd.adversary_steps": 1, "pg.samples_per_prompt": 2,
-                    "eval.max_new_tokens": 2})
+    small = {"batch_size": 2, "max_steps": 4, "online.rounds": 2, "pbkd.pairs_per_round": 2, "pbkd.bt_batch_size": 2,
+             "pbkd.mle_steps": 1, "pbkd.adversary_steps": 1, "pg.samples_per_prompt": 2, "pg.ppo_epochs": 2,
+             "eval.max_new_tokens": 2}
+    out = _train(assets, tmp_path / "full", objective="mm_pbkd", **small)
     train = _train_records(out["run_dir"])
-    assert len(train) == 2 and all(r["lam"] >= 0 for r in train)
-    assert all(set(r) >= {"off_moment", "on_moment", "moment_gap", "induced_reward_student"} for r in train)
+    assert len(train) == 4 and all(r["lam"] >= 0 for r in train)
+    assert all(set(r) >= {"off_moment", "reward", "kl_ref", "pg_loss", "clip_fraction", "bt_nll", "reward_gap"}
+               for r in train)
+    assert [train[1][k] for k in ("bt_nll", "lam", "reward")] == [train[0][k] for k in ("bt_nll", "lam", "reward")]
     assert len(PreferenceStore(Path(out["run_dir"]) / "preferences.jsonl")) == 8  # 2 prompts x 2 samples x 2 rounds
+    half = tmp_path / "half"
+    _train(assets, half, objective="mm_pbkd", stop_after=1, save_every=1, **small)
+    resumed = _train_records(_train(assets, half, resume=True, objective="mm_pbkd", **small)["run_dir"])
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for a, b in zip(train, resumed):
+        for key in ("loss", "off_moment", "pg_loss", "reward", "lam"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
 
 
 def _brute_force_terms(run, qhead, examples, responses):
