@@ -244,6 +244,9 @@ class EvalConfig:
         "rouge_l", "validation score that selects the best checkpoint (answer_accuracy needs a set that carries "
         "answers, as the testbed does)", choices=("answer_accuracy", "rouge_l"),
     )
+    train_probe: int = _field(0, "also score the first N distinct training prompts at every validation "
+                                 "(train_probe_<metric> in the valid log; never used to select): what the "
+                                 "policy-gradient objectives train on, measured; 0 = off")
     test: bool = _field(True, "evaluate the best checkpoint on the test sets at the end")
     before: bool = _field(True, "evaluate the student before training")
     teacher: bool = _field(True, "evaluate the teacher on the test set (cached per teacher, data and protocol)")

@@ -224,20 +224,37 @@ def generation_model(run: Run):
     return None
 
 
+def train_probe(run: Run) -> list:
+    """The first `eval.train_probe` distinct training prompts (their first examples), in the split's order."""
+    seen, probe = set(), []
+    for ex in run.train_data:
+        if len(probe) == run.cfg.eval.train_probe:
+            break
+        if ex.prompt not in seen:
+            seen.add(ex.prompt)
+            probe.append(ex)
+    return probe
+
+
 def validate(run: Run) -> dict:
     """Validation scores of the current student: {metric: value} for Rouge-L, EM and, on a set that
-    carries answers, answer accuracy (the main process generates; every process gets the scores)."""
+    carries answers, answer accuracy, and the same scores of the training probe as
+    ``train_probe_<metric>`` (the main process generates; every process gets the scores)."""
     from accelerate.utils import broadcast_object_list
 
     cfg = run.cfg
     model = generation_model(run)
     scores = [None]
     if run.accelerator.is_main_process:
-        metrics = evaluate_model(
-            model, run.tokenizer, run.valid_data, seeds=cfg.eval.valid_seeds, greedy=cfg.eval.greedy,
-            max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
-            max_prompt_tokens=cfg.data.max_prompt_tokens,
-        )
-        scores[0] = {m: float(metrics[m]) for m in METRICS if m in metrics}
+        scores[0] = {}
+        for prefix, examples in (("", run.valid_data), ("train_probe_", train_probe(run))):
+            if not examples:
+                continue
+            metrics = evaluate_model(
+                model, run.tokenizer, examples, seeds=cfg.eval.valid_seeds, greedy=cfg.eval.greedy,
+                max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
+                max_prompt_tokens=cfg.data.max_prompt_tokens,
+            )
+            scores[0] |= {prefix + m: float(metrics[m]) for m in METRICS if m in metrics}
     broadcast_object_list(scores)
     return scores[0]

@@ -277,6 +277,35 @@ def test_on_policy_fraction_samples_from_the_student(assets, tmp_path):
     assert on[0]["loss"] != off[0]["loss"]  # different prefixes, different losses
 
 
+def test_the_training_probe_scores_the_first_distinct_training_prompts_at_every_validation(assets, tmp_path,
+                                                                                          monkeypatch):
+    """eval.train_probe=3: every validation also scores the first 3 distinct training prompts, logged as
+    train_probe_<metric> (a probe drawn from the validation split or from other training prompts, or
+    scores not those of the probe's own evaluation, fail here), and the selection stays on valid."""
+    from llm import run as run_module
+
+    calls, real = [], run_module.evaluate_model
+
+    def recording(model, tokenizer, examples, **kwargs):
+        metrics = real(model, tokenizer, examples, **kwargs)
+        calls.append(([ex.prompt for ex in examples], metrics))
+        return metrics
+
+    monkeypatch.setattr(run_module, "evaluate_model", recording)
+    result = _train(assets, tmp_path, objective="sft", max_steps=2, **{"eval.every": 1, "eval.train_probe": 3})
+    train_data, probe = load_jsonl(assets["root"] / "train.jsonl"), []
+    for ex in train_data:
+        if ex.prompt not in probe:
+            probe.append(ex.prompt)
+    valid_prompts = [ex.prompt for ex in load_jsonl(assets["root"] / "valid.jsonl")]
+    assert [prompts for prompts, _ in calls] == [valid_prompts, probe[:3]] * 2
+    valid = _records(result["run_dir"], "valid")
+    assert [r["step"] for r in valid] == [1, 2]
+    for record, (_, v), (_, t) in zip(valid, calls[0::2], calls[1::2]):
+        assert record["rouge_l"] == v["rouge_l"] and record["train_probe_rouge_l"] == t["rouge_l"]
+    assert [s for _, s in result["state"]["valid_history"]] == [r["rouge_l"] for r in valid]
+
+
 def test_teacher_responses_are_generated_once_and_cached(assets, tmp_path):
     cfg = _config(assets, tmp_path, objective="seqkd", max_steps=2)
     first = trainer.train(load_config(_write_config(tmp_path, cfg)))
