@@ -44,8 +44,11 @@ every rollout of a prompt, so the moment's exact policy gradient is that of the 
 therefore the stabilised step of section 2a with ``r_f`` as its reward (k rollouts, KL to pi_ref,
 whitened leave-one-out advantages, PPO clip, ``pg.lr``), weighted ``1 - beta``; the off-policy
 moment on the teacher responses is differentiated directly through ``q(.|s_h)``, weighted ``beta``
-and token-mean normalised like the surrogate. The Q-head takes its ``pbkd.adversary_steps`` on each
-rollout batch when it is drawn, so it is frozen over the batch's ``pg.ppo_epochs`` steps. The
+and token-mean normalised like the surrogate. The Q-head follows ``pbkd.timescale`` as ``pbkd``'s reward
+model does: ``refit``, `pbkd.refit_steps` Lagrangian steps at the round's start (the moments on
+minibatches of the round's labelled student samples and their teacher responses), then frozen for
+the round; ``inner``, its ``pbkd.adversary_steps`` on each rollout batch when it is drawn, so it is
+frozen over the batch's ``pg.ppo_epochs`` steps. The
 spec's literal per-token advantage ``-(<p, f>(s_h) - f(s_h, y_h))`` drops the credit a token gets
 from later tokens and is not the moment's gradient; the exactness bridge (``llm/bridge.py``) keeps
 it (:func:`llm.losses.mm_pbkd_student_loss`) to show that it does not reach the exact min-max.
@@ -493,7 +496,9 @@ class MMPbKD(_PreferenceGame):
         return float(sum(values) / len(self.D))
 
     def fit_round(self, round_index, records):
-        """MLE warm start: `pbkd.mle_steps` Adam steps on NLL_BT(phi; D) minibatches; NLL_ref = NLL_BT at the end."""
+        """MLE warm start: `pbkd.mle_steps` Adam steps on NLL_BT(phi; D) minibatches; NLL_ref = NLL_BT at the end.
+        Under ``pbkd.timescale=refit`` then `pbkd.refit_steps` Lagrangian steps against the round's labelled
+        student samples (the Q-head is frozen for the round after them)."""
         opt = torch.optim.AdamW(self.adversary.parameters(), lr=self.p.mle_lr)
         self.adversary.train()
         for j in range(self.p.mle_steps):
@@ -503,30 +508,61 @@ class MMPbKD(_PreferenceGame):
             torch.nn.utils.clip_grad_norm_(self.adversary.parameters(), self.cfg.optim.grad_clip or float("inf"))
             opt.step()
         self.nll_ref = self.guarded(self.full_bt_nll)
+        line = {"nll_ref": self.nll_ref, "bt_bound": self.nll_ref + self.zeta_over_n}
+        if self.p.timescale == "refit":
+            students = [r for r in records if r.model_1.startswith("student")]
+            if not students:  # offline against the gold reference: the moments need the student's own samples
+                raise ValueError("pbkd.timescale=refit fits the Q-head against the round's student samples; with "
+                                 "pbkd.offline_response=reference there are none (use timescale=inner)")
+            self.adversary_update(self.refit_lagrangian(round_index, students), 20_000_003 * (round_index + 1),
+                                  self.p.refit_steps)
+            line |= {"bt_nll": self.guarded(self.full_bt_nll), "lam_positive": self.step_adversary["lam_positive"]}
         with torch.no_grad():
             r1, r0 = self.guarded(self.pair_rewards, records[: self.p.bt_batch_size]) if records else (torch.zeros(1),) * 2
-        return {"nll_ref": self.nll_ref, "bt_bound": self.nll_ref + self.zeta_over_n, "lam": self.lam,
-                "reward_gap": float((r0 - r1).mean())}
+        return line | {"lam": self.lam, "reward_gap": float((r0 - r1).mean())}
 
-    def adversary_update(self, loss_of_nll, tag: int) -> None:
-        """K_adv steps on loss_of_nll(NLL_BT on a D minibatch) then dual ascent on lam after each."""
+    def refit_lagrangian(self, round_index: int, students: list):
+        """The refit's Lagrangian of step j: the moments on a seeded minibatch of the round's (teacher,
+        student sample) records -- p on the samples from the round's cache, q of the round's (frozen)
+        student on the teacher responses -- with NLL_BT on a D minibatch."""
+        run, beta = self.run, self.p.mm_beta
+        size = min(self.p.bt_batch_size, len(students))
+
+        def lagrangian(nll, j):
+            block = random.Random(self.cfg.seed * 1_000_033 + 30_000_001 * (round_index + 1) + j).sample(students, size)
+            prompts = [Example(prompt=r.prompt, response=r.response_1) for r in block]
+            S = encode(run, prompts, [r.response_1 for r in block])
+            T = encode(run, prompts, [r.response_0 for r in block])
+            with torch.no_grad():
+                q_T = torch.softmax(logits_of(run.student, T, run).float(), -1)
+            off, on = self.moments(T, S, q_T, self.cached_teacher(block, "1", S))
+            loss = losses.mm_pbkd_adversary_loss(off, on, nll, self.nll_ref, self.zeta_over_n, self.lam, beta)
+            return loss, (beta * off + (1 - beta) * on).detach()
+
+        return lagrangian
+
+    def adversary_update(self, loss_of_nll, tag: int, steps: int) -> None:
+        """`steps` Adam steps on loss_of_nll(NLL_BT on a D minibatch, j), each followed by dual ascent on lam."""
         clip = self.cfg.optim.grad_clip or float("inf")
         self.adversary.train()
-        if self.p.adversary_steps == 0:  # a fixed adversary (the MLE of the round): measure, do not move
+        positive = 0
+        if steps == 0:  # a fixed adversary (the MLE of the round): measure, do not move
             with torch.no_grad():
                 nll = self.guarded(self.bt_nll_of, self.preference_batch(tag * 97))
-                _, gap = loss_of_nll(nll)
-        for j in range(self.p.adversary_steps):
+                _, gap = loss_of_nll(nll, 0)
+        for j in range(steps):
             nll = self.guarded(self.bt_nll_of, self.preference_batch(tag * 97 + j))
-            loss, gap = loss_of_nll(nll)
+            loss, gap = loss_of_nll(nll, j)
             self.adversary_optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.adversary.parameters(), clip)
             self.adversary_optimizer.step()
             violation = losses.bt_constraint_violation(float(nll.detach()), self.nll_ref, self.zeta_over_n)
             self.lam = losses.dual_ascent(self.lam, violation, self.p.dual_lr)
-        self.step_adversary = {"lam": self.lam, "bt_nll": float(nll.detach()), "nll_ref": self.nll_ref,
-                               "bt_bound": self.nll_ref + self.zeta_over_n, "reward_gap": float(gap)}
+            positive += self.lam > 0
+        self.step_adversary = {"lam": self.lam, "lam_positive": positive / max(1, steps), "bt_nll": float(nll.detach()),
+                               "nll_ref": self.nll_ref, "bt_bound": self.nll_ref + self.zeta_over_n,
+                               "reward_gap": float(gap)}
 
     def f_values(self, batch) -> torch.Tensor:
         """f_phi(s_h, .) at the response positions, (B, K, V), aligned with batch["labels"]."""
@@ -544,22 +580,26 @@ class MMPbKD(_PreferenceGame):
         return off, on
 
     def rollout_rewards(self, examples: list[Example], y_S: Rollout, step: int) -> torch.Tensor:
-        """The adversary's steps on a new rollout batch, then the induced reward r_f(tau) of every rollout.
+        """The induced reward r_f(tau) of every rollout; under ``pbkd.timescale=inner``, after the Q-head's
+        `pbkd.adversary_steps` on this rollout batch.
 
-        Each frozen quantity is computed once for the batch: the teacher's p on the rollouts and the
-        student's q on the teacher responses (the adversary's moments), then f after its steps."""
+        Each frozen quantity is computed once for the batch: the teacher's p on the rollouts and (inner)
+        the student's q on the teacher responses (the adversary's moments), then f after its steps."""
         run, beta = self.run, self.p.mm_beta
-        S_all, T_all = encode_rollout(run, y_S), encode_teacher_responses(run, examples, self.teacher_cache)
+        S_all = encode_rollout(run, y_S)
         with torch.no_grad():
-            q_T = torch.softmax(logits_of(run.student, T_all, run).float(), -1)
             p_S = self.teacher_distribution(S_all)
+        if self.p.timescale == "inner":
+            T_all = encode_teacher_responses(run, examples, self.teacher_cache)
+            with torch.no_grad():
+                q_T = torch.softmax(logits_of(run.student, T_all, run).float(), -1)
 
-        def lagrangian(nll):  # -(beta off + (1-beta) on) + lam (NLL_BT(r_f) - NLL_ref - zeta/|D|)
-            off, on = self.moments(T_all, S_all, q_T, p_S)
-            loss = losses.mm_pbkd_adversary_loss(off, on, nll, self.nll_ref, self.zeta_over_n, self.lam, beta)
-            return loss, (beta * off + (1 - beta) * on).detach()
+            def lagrangian(nll, j):  # -(beta off + (1-beta) on) + lam (NLL_BT(r_f) - NLL_ref - zeta/|D|)
+                off, on = self.moments(T_all, S_all, q_T, p_S)
+                loss = losses.mm_pbkd_adversary_loss(off, on, nll, self.nll_ref, self.zeta_over_n, self.lam, beta)
+                return loss, (beta * off + (1 - beta) * on).detach()
 
-        self.adversary_update(lagrangian, step)
+            self.adversary_update(lagrangian, step, self.p.adversary_steps)
         with torch.no_grad():
             self.adversary.eval()
             f_S = self.guarded(self.f_values, S_all)
