@@ -435,7 +435,8 @@ def _quick_pair(root: Path) -> tuple[dict, Path]:
               "data.valid_file": str(root / "valid.jsonl"), "data.test_file": str(root / "test.jsonl"),
               "data.max_prompt_tokens": 48, "data.max_length": 64, "generation.max_new_tokens": 4,
               "pbkd.rm_config": {"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2},
-              "pbkd.pairs_per_round": 4, "pbkd.mle_steps": 2, "pbkd.refit_steps": 2, "pbkd.judge_options": {"reward": "rouge_l"}}
+              "pbkd.pairs_per_round": 4, "pbkd.mle_steps": 2, "pbkd.refit_steps": 2,
+              "pbkd.judge_options": {"reward": "rouge_l"}}
     return config, root
 
 

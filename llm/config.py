@@ -147,9 +147,10 @@ class PbKDConfig:
     adversary_lr: float = _field(1e-4, "AdamW learning rate of the adversary steps")
     adversary_weight_decay: float = _field(0.01, "AdamW weight decay of the adversary (its MLE warm start too)")
     timescale: str = _field(
-        "refit", "the adversary's timescale (pbkd and mm_pbkd): refit (at each round start, `refit_steps` Lagrangian steps "
-        "against the round's labelled student samples, then frozen for the round) or inner (`adversary_steps` "
-        "Lagrangian steps on every rollout batch before the student trains on it)", choices=("refit", "inner"))
+        "refit", "the adversary's timescale (pbkd and mm_pbkd): refit (at each round start, `refit_steps` "
+        "Lagrangian steps against the round's labelled student samples, then frozen for the round) or inner "
+        "(`adversary_steps` Lagrangian steps on every rollout batch before the student trains on it)",
+        choices=("refit", "inner"))
     refit_steps: int = _field(200, "Lagrangian steps of the per-round refit (timescale=refit)")
     adversary_steps: int = _field(1, "K_adv: adversary steps (each followed by dual ascent) per rollout batch, "
                                       "before it is scored (timescale=inner)")

@@ -265,8 +265,8 @@ def test_mm_pbkd_runs_online_and_a_resume_inside_a_rollout_batch_reproduces_its_
     from a Q-head the checkpoint did not restore would not."""
     # the Q-head's output is vocabulary-wide (50,257 GPT-2 tokens): keep the run small
     small = {"batch_size": 2, "max_steps": 4, "online.rounds": 2, "pbkd.pairs_per_round": 2, "pbkd.bt_batch_size": 2,
-             "pbkd.mle_steps": 1, "pbkd.timescale": "inner", "pbkd.adversary_steps": 1, "pg.samples_per_prompt": 2, "pg.ppo_epochs": 2,
-             "eval.max_new_tokens": 2}
+             "pbkd.mle_steps": 1, "pbkd.timescale": "inner", "pbkd.adversary_steps": 1, "pg.samples_per_prompt": 2,
+             "pg.ppo_epochs": 2, "eval.max_new_tokens": 2}
     out = _train(assets, tmp_path / "full", objective="mm_pbkd", **small)
     train = _train_records(out["run_dir"])
     assert len(train) == 4 and all(r["lam"] >= 0 for r in train)
