@@ -181,6 +181,14 @@ class _PreferenceGame(Objective):
         """Fit the adversary to the grown D; returns the round line's adversary fields."""
         raise NotImplementedError
 
+    def refit_samples(self, records: list) -> list:
+        """The round's records whose response_1 is a student sample: what a ``timescale=refit`` fit plays against."""
+        students = [r for r in records if r.model_1.startswith("student")]
+        if not students:  # offline against the gold reference: the gap needs the student's own samples
+            raise ValueError(f"pbkd.timescale=refit fits the {self.adversary_name} against the round's student "
+                             "samples; with pbkd.offline_response=reference there are none (use timescale=inner)")
+        return students
+
     def label_round(self, round_index: int, steps: range) -> list:
         """The round's pairs: for each of its first `pairs_per_round` prompts, the teacher's response
         against each of `pg.samples_per_prompt` samples of the current student (offline with
@@ -361,10 +369,7 @@ class PbKD(_PreferenceGame):
             self.nll_ref = float(self.guarded(self.bt_nll, fit))
         line = {"D_fit": len(fit[2]), "nll_ref": self.nll_ref}
         if self.p.timescale == "refit":
-            students = [r for r in records if r.model_1.startswith("student")]
-            if not students:  # offline against the gold reference: the gap needs the student's own samples
-                raise ValueError("pbkd.timescale=refit fits the adversary against the round's student samples; with "
-                                 "pbkd.offline_response=reference there are none (use timescale=inner)")
+            students = self.refit_samples(records)
             phi_S = torch.stack([self.features[(r.round, r.index)][0] for r in students])
             phi_T = torch.stack([self.features[(r.round, r.index)][1] for r in students])
             line |= self.lagrangian_steps(self.p.refit_steps, phi_T, phi_S, fit)
@@ -438,13 +443,17 @@ class MMPbKD(_PreferenceGame):
 
     # ---- the Q-head's minibatch BT likelihood, MLE warm start and Lagrangian steps -----------------
 
+    def encode_sides(self, records) -> dict:
+        """{"1": the records' responses tau1 encoded after their prompts, "0": their responses tau0}."""
+        prompts = [Example(prompt=r.prompt, response=r.response_1) for r in records]
+        return {"1": encode(self.run, prompts, [r.response_1 for r in records]),
+                "0": encode(self.run, prompts, [r.response_0 for r in records])}
+
     def pair_rewards(self, records) -> tuple[torch.Tensor, torch.Tensor]:
         """(r_f(x, tau1), r_f(x, tau0)) of preference records, with gradient to the Q-head; the teacher's
         distributions on D's pairs come from the round's cache (computed once per record)."""
-        prompts = [Example(prompt=r.prompt, response=r.response_1) for r in records]
         out = []
-        for side, texts in (("1", [r.response_1 for r in records]), ("0", [r.response_0 for r in records])):
-            batch = encode(self.run, prompts, texts)
+        for side, batch in self.encode_sides(records).items():
             p = self.cached_teacher(records, side, batch)
             r_f = losses.induced_sequence_reward(self.f_values(batch), p, batch["labels"], batch["response_mask"])
             out.append(r_f / batch["response_mask"].sum(1) if self.p.mm_length_normalize else r_f)
@@ -461,11 +470,8 @@ class MMPbKD(_PreferenceGame):
         """The teacher's distributions on both responses of every record not yet cached (frozen for the run)."""
         missing = [r for r in records if (r.round, r.index) not in self.teacher_on_D]
         for block in chunks(missing, self.p.bt_batch_size):
-            prompts = [Example(prompt=r.prompt, response=r.response_1) for r in block]
-            sides = {}
-            for side, texts in (("1", [r.response_1 for r in block]), ("0", [r.response_0 for r in block])):
-                batch = encode(self.run, prompts, texts)
-                sides[side] = (self.teacher_distribution(batch), batch["response_mask"].sum(1).tolist())
+            sides = {side: (self.teacher_distribution(batch), batch["response_mask"].sum(1).tolist())
+                     for side, batch in self.encode_sides(block).items()}
             for i, r in enumerate(block):
                 self.teacher_on_D[(r.round, r.index)] = {
                     side: _row(p, i, int(n[i])) for side, (p, n) in sides.items()}
@@ -510,10 +516,7 @@ class MMPbKD(_PreferenceGame):
         self.nll_ref = self.guarded(self.full_bt_nll)
         line = {"nll_ref": self.nll_ref, "bt_bound": self.nll_ref + self.zeta_over_n}
         if self.p.timescale == "refit":
-            students = [r for r in records if r.model_1.startswith("student")]
-            if not students:  # offline against the gold reference: the moments need the student's own samples
-                raise ValueError("pbkd.timescale=refit fits the Q-head against the round's student samples; with "
-                                 "pbkd.offline_response=reference there are none (use timescale=inner)")
+            students = self.refit_samples(records)
             self.adversary_update(self.refit_lagrangian(round_index, students), 20_000_003 * (round_index + 1),
                                   self.p.refit_steps)
             line |= {"bt_nll": self.guarded(self.full_bt_nll), "lam_positive": self.step_adversary["lam_positive"]}
@@ -530,9 +533,8 @@ class MMPbKD(_PreferenceGame):
 
         def lagrangian(nll, j):
             block = random.Random(self.cfg.seed * 1_000_033 + 30_000_001 * (round_index + 1) + j).sample(students, size)
-            prompts = [Example(prompt=r.prompt, response=r.response_1) for r in block]
-            S = encode(run, prompts, [r.response_1 for r in block])
-            T = encode(run, prompts, [r.response_0 for r in block])
+            sides = self.encode_sides(block)
+            S, T = sides["1"], sides["0"]
             with torch.no_grad():
                 q_T = torch.softmax(logits_of(run.student, T, run).float(), -1)
             off, on = self.moments(T, S, q_T, self.cached_teacher(block, "1", S))
