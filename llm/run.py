@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -224,11 +225,12 @@ def generation_model(run: Run):
     return None
 
 
-def train_probe(run: Run) -> list:
-    """The first `eval.train_probe` distinct training prompts (their first examples), in the split's order."""
+def train_probe(train_data: Sequence[Example], n: int) -> list[Example]:
+    """The first ``n`` distinct training prompts (their first examples), in the split's order: the
+    probe of ``eval.train_probe``."""
     seen, probe = set(), []
-    for ex in run.train_data:
-        if len(probe) == run.cfg.eval.train_probe:
+    for ex in train_data:
+        if len(probe) == n:
             break
         if ex.prompt not in seen:
             seen.add(ex.prompt)
@@ -247,7 +249,8 @@ def validate(run: Run) -> dict:
     scores = [None]
     if run.accelerator.is_main_process:
         scores[0] = {}
-        for prefix, examples in (("", run.valid_data), ("train_probe_", train_probe(run))):
+        probe = train_probe(run.train_data, cfg.eval.train_probe)
+        for prefix, examples in (("", run.valid_data), ("train_probe_", probe)):
             if not examples:
                 continue
             metrics = evaluate_model(

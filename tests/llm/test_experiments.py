@@ -14,6 +14,9 @@ import yaml
 from llm import experiments
 from llm import train as trainer
 from llm.config import load_config
+from llm.data import load_jsonl
+from llm.evaluate import evaluate_model
+from llm.models import load_causal_lm, load_tokenizer
 
 
 def _base_config(assets, tmp_path) -> str:
@@ -163,3 +166,51 @@ def test_gap_closed_is_the_paired_difference_over_the_teacher_minus_warm_start_g
     acc = closed["t"]["answer_accuracy"]
     assert acc["mean"] == pytest.approx(0.1) and acc["ci95"] == pytest.approx([0.02, 0.18]) and acc["gap"] == 50.0
     assert closed["t"]["rouge_l"] is None  # the teacher is below the warm start: no gap to close
+
+
+@pytest.mark.parametrize("fault", [None, "flipped"])
+def test_sanity_rung_grades_rloo_on_its_rewarded_prompts_and_fails_a_flipped_student(word_assets, plant_student_fault,
+                                                                                     tmp_path, fault):
+    """The rung trains rloo from the warm start on the first prompts of the training split and grades
+    the last step's probe (those prompts) against the warm start's: the word task's known reward
+    (Rouge-L) rises and the rung passes; with the student's loss negated it must not pass."""
+    if fault is not None:
+        plant_student_fault(fault)
+    config, out, figures = str(word_assets.config(tmp_path, "rloo")), tmp_path / "rung", tmp_path / "figures"
+    payload = experiments.sanity_rung([3, 4, 5], 8, config, ["eval.every=15", "eval.select_by=rouge_l"], str(out),
+                                      warm_start_steps=2, figures=figures)
+    warm_best = (out / "warm-start" / "checkpoints" / "best").resolve()
+    for run in payload["runs"]:
+        run_dir = out / run["run_dir"]
+        cfg = json.loads((run_dir / "config.json").read_text())
+        assert cfg["objective"] == "rloo" and cfg["data"]["num_train"] == 8 and cfg["eval"]["train_probe"] == 8
+        assert Path(cfg["student"]).resolve() == warm_best and cfg["seed"] == run["seed"]
+        valid = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        last = [v for v in valid if v["split"] == "valid"][-1]
+        assert last["step"] == 30 and run["probe"]["rouge_l"] == last["train_probe_rouge_l"]
+    cfg, probe, prompts = load_config(config), [], set()  # the warm start on the first 8 distinct training prompts
+    for ex in load_jsonl(word_assets / "train.jsonl"):
+        if ex.prompt not in prompts:
+            prompts.add(ex.prompt)
+            probe.append(ex)
+    warm = evaluate_model(load_causal_lm(str(warm_best)), load_tokenizer(str(warm_best)), probe[:8],
+                          seeds=cfg.eval.valid_seeds, greedy=cfg.eval.greedy, max_new_tokens=cfg.eval.max_new_tokens,
+                          batch_size=cfg.eval.batch_size, max_prompt_tokens=cfg.data.max_prompt_tokens)
+    assert payload["warm_start"]["probe"]["rouge_l"] == pytest.approx(warm["rouge_l"])
+    diff = payload["minus_warm_start"]["probe"]["rouge_l"]
+    gains = [r["probe"]["rouge_l"] - payload["warm_start"]["probe"]["rouge_l"] for r in payload["runs"]]
+    assert diff["mean"] == pytest.approx(statistics.mean(gains)) and diff["n"] == 3
+    assert payload["passes"] is (diff["ci95"][0] > 0)
+    assert json.loads((figures / "llm_sanity_rung.json").read_text()) == payload
+    if fault is None:
+        assert payload["passes"] is True and min(gains) > 20, gains
+        assert "passes" in (figures / "llm_sanity_rung.md").read_text()
+    else:
+        assert payload["passes"] is False, gains
+
+
+def test_sanity_rung_refuses_a_run_without_warm_start_or_prompts(tmp_path):
+    with pytest.raises(ValueError, match="--rung-prompts must be >= 1"):
+        experiments.sanity_rung([1], 0, "unused.yaml", [], str(tmp_path))
+    with pytest.raises(ValueError, match="--seeds needs at least one"):
+        experiments.sanity_rung([], 8, "unused.yaml", [], str(tmp_path))
