@@ -1,5 +1,5 @@
-"""Tests of `llm/experiments.py`: the comparison table and the rounds figure, on tiny models
-(the tiny assets of `conftest.py`), with the warm start, reuse and resume of runs."""
+"""Tests of `llm/experiments.py`: the comparison table, the rounds figure and the sanity rung, on
+tiny models (the tiny assets of `conftest.py`), with the warm start, reuse and resume of runs."""
 
 from __future__ import annotations
 
@@ -209,7 +209,7 @@ def test_sanity_rung_grades_rloo_on_its_rewarded_prompts_and_fails_a_flipped_stu
         assert payload["passes"] is False, gains
 
 
-def test_sanity_rung_refuses_a_run_without_warm_start_or_prompts(tmp_path):
+def test_sanity_rung_refuses_no_prompts_and_no_seeds(tmp_path):
     with pytest.raises(ValueError, match="--rung-prompts must be >= 1"):
         experiments.sanity_rung([1], 0, "unused.yaml", [], str(tmp_path))
     with pytest.raises(ValueError, match="--seeds needs at least one"):
