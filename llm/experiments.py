@@ -528,6 +528,8 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("give --methods, --rounds-figure and/or --sanity-rung")
     if args.rung_prompts < 1:
         parser.error(f"--rung-prompts must be >= 1, got {args.rung_prompts}")
+    if args.sanity_rung and args.warm_start_steps == 0:
+        parser.error("the sanity rung starts from the warm start: give --warm-start-steps > 0")
     if args.warm_start_steps < 0:
         parser.error(f"--warm-start-steps must be >= 0, got {args.warm_start_steps}")
     unknown = [m for m in args.methods if m not in METHODS]

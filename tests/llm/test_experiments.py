@@ -214,3 +214,7 @@ def test_sanity_rung_refuses_no_prompts_and_no_seeds(tmp_path):
         experiments.sanity_rung([1], 0, "unused.yaml", [], str(tmp_path))
     with pytest.raises(ValueError, match="--seeds needs at least one"):
         experiments.sanity_rung([], 8, "unused.yaml", [], str(tmp_path))
+    for argv in (["--sanity-rung", "--warm-start-steps", "0"], ["--sanity-rung", "--rung-prompts", "0"]):
+        with pytest.raises(SystemExit) as refused:
+            experiments.main(argv)
+        assert refused.value.code == 2
