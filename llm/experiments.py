@@ -378,12 +378,11 @@ def sanity_rung(seeds: list[int], prompts: int, config: str, overrides: list[str
     probe = train_probe(load_data(cfg)[0], prompts)
     if len(probe) < prompts:
         raise ValueError(f"the training split has {len(probe)} distinct prompts, fewer than --rung-prompts {prompts}")
-    best = Path(out_dir) / warm["run_dir"] / "checkpoints" / "best"
-    scored = evaluate_model(load_causal_lm(best.resolve()).eval(), load_tokenizer(best.resolve()), probe,
-                            seeds=cfg.eval.valid_seeds, greedy=cfg.eval.greedy, max_new_tokens=cfg.eval.max_new_tokens,
+    best = (Path(out_dir) / warm["run_dir"] / "checkpoints" / "best").resolve()
+    scored = evaluate_model(load_causal_lm(best).eval(), load_tokenizer(best), probe, seeds=cfg.eval.valid_seeds,
+                            greedy=cfg.eval.greedy, max_new_tokens=cfg.eval.max_new_tokens,
                             batch_size=cfg.eval.batch_size, max_prompt_tokens=cfg.data.max_prompt_tokens)
-    warm_row = {"probe": {m: scored[m] for m in METRICS if m in scored},
-                "valid": warm["state"]["best_valid"]}
+    warm_row = {"probe": _scores({"probe": scored})["probe"], "valid": warm["state"]["best_valid"]}  # as validate
     runs = []
     for i, seed in enumerate(seeds):
         print(f"[experiments] sanity rung {i + 1}/{len(seeds)}: rloo seed {seed} on {prompts} prompts", flush=True)
