@@ -128,6 +128,10 @@ class PbKDConfig:
     judge_options: dict = _field({}, "keyword options of the judge, e.g. {reward_scale: 10} (bt_oracle) or {model: ...} (llm)")
     pairs_per_round: int = _field(32, "prompts labelled per round, each teacher response against every one of its "
                                       "pg.samples_per_prompt student samples (offline: the whole of D)")
+    student_pairs: bool = _field(
+        False, "each round also labels every pair of a prompt's pg.samples_per_prompt student samples, so the "
+        "adversary learns to rank a prompt's own samples (what the leave-one-out advantage reads), not only to "
+        "tell them from the teacher's response")
     offline_response: str = _field(
         "student", "offline D pairs the teacher response with the initial student's sample or the gold reference",
         choices=("student", "reference"),

@@ -97,6 +97,9 @@ class _PreferenceGame(Objective):
             raise ValueError(f"objective={run.cfg.objective} runs in one process (its adversary is not sharded); "
                              "launch without torchrun / distributed=none")
         self.p = p
+        if p.student_pairs and run.cfg.online.rounds == 1 and p.offline_response == "reference":
+            raise ValueError("pbkd.student_pairs pairs the round's student samples, and offline D with "
+                             "pbkd.offline_response=reference has none; set offline_response=student")
         self.adversary = self.build_adversary().to(run.device)
         self.adversary_optimizer = torch.optim.AdamW(self.adversary_parameters(), lr=p.adversary_lr,
                                                      weight_decay=p.adversary_weight_decay)
@@ -183,7 +186,7 @@ class _PreferenceGame(Objective):
 
     def refit_samples(self, records: list) -> list:
         """The round's records whose response_1 is a student sample: what a ``timescale=refit`` fit plays against."""
-        students = [r for r in records if r.model_1.startswith("student")]
+        students = [r for r in records if r.model_0 == "teacher" and r.model_1.startswith("student")]
         if not students:  # offline against the gold reference: the gap needs the student's own samples
             raise ValueError(f"pbkd.timescale=refit fits the {self.adversary_name} against the round's student "
                              "samples; with pbkd.offline_response=reference there are none (use timescale=inner)")
@@ -192,7 +195,9 @@ class _PreferenceGame(Objective):
     def label_round(self, round_index: int, steps: range) -> list:
         """The round's pairs: for each of its first `pairs_per_round` prompts, the teacher's response
         against each of `pg.samples_per_prompt` samples of the current student (offline with
-        `offline_response=reference`: against the gold response), labelled by the judge in one batch."""
+        `offline_response=reference`: against the gold response), labelled by the judge in one batch.
+        With `pbkd.student_pairs`, every pair of a prompt's samples follows (indices after the
+        teacher pairs, so a pair's id does not depend on the option)."""
         run, p = self.run, self.p
         seen, examples = set(), []
         for s in steps:
@@ -203,16 +208,25 @@ class _PreferenceGame(Objective):
                     examples.append(ex)
         offline_reference = self.cfg.online.rounds == 1 and p.offline_response == "reference"
         if offline_reference:
-            pairs, model_1 = [(ex, ex.response) for ex in examples], "reference"
+            triples, model_1 = [(ex, self.teacher_cache[ex.prompt].text, ex.response) for ex in examples], "reference"
         else:
             k = self.cfg.pg.samples_per_prompt
             samples = student_rollouts(run, examples, seed=self.cfg.seed * 7919 + 104_729 * (round_index + 1), k=k)
-            pairs = [(examples[i // k], y) for i, y in enumerate(samples.texts(run.tokenizer))]
+            texts = samples.texts(run.tokenizer)
+            triples = [(examples[i // k], self.teacher_cache[examples[i // k].prompt].text, y)
+                       for i, y in enumerate(texts)]
             model_1 = f"student@round{round_index}"
-        queries = [PreferenceQuery(prompt=ex.prompt, response_0=self.teacher_cache[ex.prompt].text, response_1=y,
-                                   round=round_index, index=i, model_0="teacher", model_1=model_1,
-                                   references=tuple(ex.references), answers=ex.answers)
-                   for i, (ex, y) in enumerate(pairs)]
+        queries = [PreferenceQuery(prompt=ex.prompt, response_0=y0, response_1=y1, round=round_index, index=i,
+                                   model_0="teacher", model_1=model_1, references=tuple(ex.references),
+                                   answers=ex.answers)
+                   for i, (ex, y0, y1) in enumerate(triples)]
+        if self.p.student_pairs:
+            within = [(examples[g], texts[g * k + a], texts[g * k + b])
+                      for g in range(len(examples)) for a in range(k) for b in range(a + 1, k)]
+            queries += [PreferenceQuery(prompt=ex.prompt, response_0=y0, response_1=y1, round=round_index,
+                                        index=len(triples) + i, model_0=model_1, model_1=model_1,
+                                        references=tuple(ex.references), answers=ex.answers)
+                        for i, (ex, y0, y1) in enumerate(within)]
         before = self.judge.stats.as_dict()
         records = self.judge.label(queries)
         after = self.judge.stats.as_dict()
@@ -267,6 +281,18 @@ class _PreferenceGame(Objective):
                              "file of this run (or start a new run)")
         if self.round >= 0:
             self.D = [r for r in self.store.preferences() if r.round <= self.round]
+
+
+def within_prompt_correlation(r: torch.Tensor, known: torch.Tensor, k: int) -> float | None:
+    """The mean, over the prompts (consecutive groups of `k` rows) whose `r` and `known` both vary,
+    of their Pearson correlation; None when no prompt qualifies."""
+    rs, ks = r.reshape(-1, k).double(), known.reshape(-1, k).double()
+    rc, kc = rs - rs.mean(1, keepdim=True), ks - ks.mean(1, keepdim=True)
+    rn, kn = rc.norm(dim=1), kc.norm(dim=1)
+    ok = (rn > 1e-12) & (kn > 1e-12)
+    if not bool(ok.any()):
+        return None
+    return float(((rc * kc).sum(1)[ok] / (rn[ok] * kn[ok])).mean())
 
 
 def _held_out(record, fraction: float) -> bool:
@@ -415,7 +441,28 @@ class PbKD(_PreferenceGame):
             self.lagrangian_steps(self.p.adversary_steps, phi_T, phi_S, self.D_tensors(held_out=False))
         with torch.no_grad():
             self.step_adversary["reward_teacher"] = float(self.adversary.head_rewards(phi_T).mean())
-            return self.adversary.head_rewards(phi_S)
+            r = self.adversary.head_rewards(phi_S)
+        self.log_known_reward(examples, y_S, r)
+        return r
+
+    def log_known_reward(self, examples: list[Example], y_S: Rollout, r: torch.Tensor) -> None:
+        """Under the `bt_oracle` judge, log the known reward of the rollouts (``oracle_reward``) and how
+        well the adversary ranks a prompt's own samples by it (``oracle_corr``, the mean within-prompt
+        Pearson correlation; left out when no prompt's samples differ in both): the leave-one-out
+        advantage reads only that ranking."""
+        reward_fn = getattr(self.judge, "reward_fn", None)
+        if reward_fn is None:
+            return
+        k = self.cfg.pg.samples_per_prompt
+        queries = [PreferenceQuery(prompt=ex.prompt, response_0="", response_1="", references=tuple(ex.references),
+                                   answers=ex.answers) for ex in examples]
+        known = torch.tensor([reward_fn(queries[i // k], y) for i, y in enumerate(y_S.texts(self.run.tokenizer))])
+        self.step_adversary["oracle_reward"] = float(known.mean())
+        corr = within_prompt_correlation(r.detach().float().cpu(), known, k)
+        if corr is None:
+            self.step_adversary.pop("oracle_corr", None)
+        else:
+            self.step_adversary["oracle_corr"] = corr
 
     def student_loss(self, micro, totals):
         return self.student_step.loss(micro, totals)

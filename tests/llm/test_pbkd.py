@@ -15,15 +15,18 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from llm import losses
 from llm import train as trainer
 from llm.config import load_config
 from llm.judges import JUDGES
-from llm.objectives.preference_game import MMPbKD, PbKD
+from llm.objectives.preference_game import MMPbKD, PbKD, within_prompt_correlation
 from llm.run import encode, logits_of
 from llm.preference_store import PreferenceStore
 from llm.reward_model import NonFiniteRewardError
@@ -78,13 +81,56 @@ def test_pbkd_offline_labels_every_sample_once_and_the_confidence_set_binds(asse
     assert len(train) == 4
     for r in train:
         assert set(r) >= {"reward_gap", "bt_nll", "bt_bound", "nll_ref", "pg_loss", "reward", "kl_ref",
-                          "clip_fraction", "response_length", "truncated", "lam_positive"}
+                          "clip_fraction", "response_length", "truncated", "lam_positive", "oracle_reward"}
     assert out["results"] is not None
 
     unconstrained = _train(assets, tmp_path / "free", **{"pbkd.zeta": 0.5, "pbkd.lam_init": 0.0, "pbkd.dual_lr": 0.0})
     (free,) = _lines(Path(unconstrained["run_dir"]) / "rounds.jsonl")
     assert free["bt_nll"] > free["bt_bound"] + 0.5 / free["D_fit"]
     assert free["reward_gap"] > line["reward_gap"]
+
+
+def test_student_pairs_label_every_pair_of_a_prompts_samples_after_the_teacher_pairs(assets, tmp_path):
+    """pbkd.student_pairs: after the 24 teacher-vs-sample pairs of the 6 prompts, the C(4, 2) = 6
+    pairs of each prompt's own samples (ids 24..59), both sides the prompt's samples of the
+    teacher pairs; the refit plays only against the teacher pairs (a refit that read a
+    student-vs-student pair as a teacher response is the fault the last check catches)."""
+    out = _train(assets, tmp_path / "pairs", **{"pbkd.student_pairs": True})
+    store = PreferenceStore(Path(out["run_dir"]) / "preferences.jsonl")
+    records = store.records(0)
+    assert [r.index for r in records] == list(range(60))
+    teacher, within = records[:24], records[24:]
+    assert all(r.model_0 == "teacher" for r in teacher)
+    assert all(r.model_0 == r.model_1 == "student@round0" for r in within)
+    samples = {}
+    for r in teacher:
+        samples.setdefault(r.prompt, []).append(r.response_1)
+    expected = [(prompt, ys[a], ys[b]) for prompt, ys in samples.items() for a in range(4) for b in range(a + 1, 4)]
+    assert [(r.prompt, r.response_0, r.response_1) for r in within] == expected
+    assert PbKD.refit_samples(PbKD.__new__(PbKD), records) == teacher
+    (line,) = _lines(Path(out["run_dir"]) / "rounds.jsonl")
+    assert line["D"] == 60
+
+
+def test_student_pairs_without_student_samples_is_refused(assets, tmp_path):
+    with pytest.raises(ValueError, match="offline_response=student"):
+        _train(assets, tmp_path / "ref", **{"pbkd.student_pairs": True, "pbkd.offline_response": "reference",
+                                            "pbkd.timescale": "inner"})
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(1, 5), st.integers(2, 5), st.randoms(use_true_random=False))
+def test_within_prompt_correlation_is_the_mean_pearson_correlation_of_the_prompts_that_vary(groups, k, rnd):
+    """Against numpy's corrcoef prompt by prompt; constant groups (ties in either) are left out."""
+    r = [[rnd.choice([0.0, 1.0, rnd.uniform(-2, 2)]) for _ in range(k)] for _ in range(groups)]
+    known = [[rnd.choice([0.0, 10.0]) for _ in range(k)] for _ in range(groups)]
+    corr = [float(np.corrcoef(a, b)[0, 1]) for a, b in zip(r, known) if np.ptp(a) > 0 and np.ptp(b) > 0]
+    got = within_prompt_correlation(torch.tensor(r, dtype=torch.float64).flatten(),
+                                    torch.tensor(known, dtype=torch.float64).flatten(), k)
+    if not corr:
+        assert got is None
+    else:
+        assert got == pytest.approx(float(np.mean(corr)), abs=1e-9)
 
 
 def test_a_lagrangian_step_is_one_adam_step_then_projected_dual_ascent_on_the_exact_nll_of_D(assets, tmp_path):
