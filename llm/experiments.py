@@ -10,8 +10,10 @@ set and step budget:
   difference from the warm start with a 95% interval, and the teacher as given and fine-tuned
   (``teacher_sft``), with the wall time of every stage;
 * the round-by-round figure (the analogue of the paper's Figure 3): online ``pbkd`` with
-  ``--rounds`` rounds for each reward-model size of ``--rm-sizes``; the validation score
-  (``eval.select_by``) of the student after 0, 1, ..., T rounds, written to ``figures/llm_rounds.png`` and ``.json``;
+  ``--rounds`` rounds for each reward-model size of ``--rm-sizes`` and each seed of ``--seeds``,
+  on the first ``--rounds-prompts`` training prompts as the sanity rung (:func:`rounds_figure`);
+  the score of the student after 0, 1, ..., T rounds on those prompts and on validation, with
+  the mean and min-max band over the seeds, written to ``figures/llm_rounds.png`` and ``.json``;
 * the sanity rung (spec llm.md section 2a): ``rloo``, the student step on the judge's own known
   reward, from the warm start on the first ``--rung-prompts`` training prompts, graded on those
   prompts against the warm start over the seeds (:func:`sanity_rung`), written to
@@ -31,8 +33,8 @@ rewritten after every run, so a table cut short still holds every finished run. 
 keeps the run's wall time, so the budget of a larger table can be read off a smaller one.
 
     python -m llm.experiments --methods baselines --teacher-topk 32 max_steps=40 eval.every=20   # make table
-    python -m llm.experiments --rounds-figure --seeds 10 --rm-sizes 1x32 4x256 --rounds 4 --warm-start-steps 0 \\
-        student_init=pretrained student=runs/experiments/warm-start/checkpoints/best optim.lr=1e-5 max_steps=60
+    python -m llm.experiments --rounds-figure --seeds 10 20 30 --rm-sizes p5 p10 p15 --rounds 4 --out-dir runs/rounds \\
+        max_steps=100 eval.every=25 eval.teacher=false
     python -m llm.experiments --sanity-rung --rung-prompts 64 --out-dir runs/rung max_steps=100 eval.every=25 \\
         teacher_sft.steps=0 eval.teacher=false
 
@@ -442,58 +444,99 @@ def rung_markdown(payload: dict) -> str:
     return f"{title}\n\n" + _markdown("run", columns, cells)
 
 
-def parse_size(text: str) -> dict:
-    """'LxH' -> a fresh reward-model config of L blocks of width H (4 heads, or 1 if 4 does not divide H)."""
+def parse_size(text: str) -> list[str]:
+    """A reward-model size -> the pbkd overrides that build it: ``pN`` the first N blocks of the
+    teacher (``rm_init=pruned``, the testbed's kind), ``LxH`` a fresh model of L blocks of width H (4
+    heads, or 1 if 4 does not divide H)."""
+    text = text.lower()
+    if text.startswith("p") and text[1:].isdigit() and int(text[1:]) > 0:
+        return ["pbkd.rm_init=pruned", f"pbkd.rm_layers=[{', '.join(str(i) for i in range(int(text[1:])))}]"]
     try:
-        layers, width = (int(v) for v in text.lower().split("x"))
+        layers, width = (int(v) for v in text.split("x"))
     except ValueError:
-        raise ValueError(f"reward-model size {text!r} must be LAYERSxWIDTH, e.g. 2x64") from None
+        raise ValueError(f"reward-model size {text!r} must be pN (the first N teacher blocks) or LAYERSxWIDTH "
+                         "(a fresh model), e.g. p5 or 2x64") from None
     heads = 4 if width % 4 == 0 else 1
-    return {"num_hidden_layers": layers, "hidden_size": width, "num_attention_heads": heads}
+    return ["pbkd.rm_init=fresh",
+            f"pbkd.rm_config={{num_hidden_layers: {layers}, hidden_size: {width}, num_attention_heads: {heads}}}"]
 
 
-def rounds_figure(sizes: list[str], rounds: int, seed: int, config: str, overrides: list[str], out_dir: str,
-                  warm_start_steps: int = 100, figures: Path = FIGURES) -> dict:
-    """Online pbkd from the warm start for each reward-model size: the validation score
-    (eval.select_by) after 0..T rounds
-    -> figures/llm_rounds.{png,json}."""
+def _band(curves: list[list[float]]) -> dict:
+    """Mean and min-max band over seeds of equally long per-round curves."""
+    columns = list(zip(*curves))
+    return {"mean": [sum(c) / len(c) for c in columns], "low": [min(c) for c in columns],
+            "high": [max(c) for c in columns]}
+
+
+def rounds_figure(sizes: list[str], rounds: int, seeds: list[int], config: str, overrides: list[str], out_dir: str,
+                  warm_start_steps: int = 100, figures: Path = FIGURES, prompts: int = 64) -> dict:
+    """The analogue of the paper's Figure 3: online pbkd from the warm start, ``rounds`` rounds, for
+    each reward-model size (:func:`parse_size`) and seed; the score of the student after 0, 1, ...,
+    T rounds (round c's entry from its ``rounds.jsonl`` line, which scores the student entering
+    it, the last from the final validation), with the mean and min-max band over the seeds.
+
+    ``prompts > 0`` trains on the first ``prompts`` training prompts and scores them (the sanity
+    rung's protocol: the known reward pays for the facts of the prompts D is collected on, which
+    the held-out validation facts do not hold) beside the validation score; ``prompts = 0`` trains
+    on the whole split and scores validation (``eval.select_by``) alone.
+    -> ``figures/llm_rounds.{png,json}``, rewritten after every run."""
+    if not seeds:
+        raise ValueError("--seeds needs at least one training seed")
+    if prompts < 0:
+        raise ValueError(f"--rounds-prompts must be >= 0, got {prompts}")
+    builds = {size: parse_size(size) for size in sizes}
     start, _ = warm_start(warm_start_steps, config, overrides, out_dir)
-    metric = load_config(config, overrides).eval.select_by  # the validation score the rounds log and select by
+    protocol = [f"data.num_train={prompts}", f"eval.train_probe={prompts}", "eval.test=false"] if prompts else []
+    metric = load_config(config, [*overrides, *protocol]).eval.select_by
+    scores = {"probe": f"train_probe_{metric}", "valid": metric} if prompts else {"valid": metric}
     curves = {}
-    for size in sizes:
-        rm = parse_size(size)
-        rm_text = "{" + ", ".join(f"{k}: {v}" for k, v in rm.items()) + "}"
-        record = run_one(config, ["objective=pbkd", f"online.rounds={rounds}", f"seed={seed}", "pbkd.rm_init=fresh",
-                                  f"pbkd.rm_config={rm_text}", *overrides, *start], f"rounds-rm{size}-seed{seed}", out_dir)
-        run_dir = Path(out_dir) / record["run_dir"]
-        lines = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines() if x.strip()]
-        scores = [line[f"valid_{metric}"] for line in lines] + [record["state"]["valid_history"][-1][1]]
-        curves[size] = {"rounds_completed": list(range(len(scores))), "valid_score": scores,
-                        "test_score": next(iter(student_after(record).values()))[metric], "rounds": lines,
-                        "seconds": record["seconds"]}
-        print(f"[experiments] rm {size}: valid {metric} by round {[round(s, 2) for s in scores]}", flush=True)
-    figures.mkdir(parents=True, exist_ok=True)
-    payload = {"rounds": rounds, "seed": seed, "config": _shown(config), "command_overrides": overrides,
-               "metric": metric,
-               "warm_start_steps": warm_start_steps, "curves": curves}
-    _write_atomic(figures / "llm_rounds.json", json.dumps(payload, indent=2) + "\n")
+    for size, build in builds.items():
+        runs = {}
+        for seed in seeds:
+            record = run_one(config, ["objective=pbkd", f"online.rounds={rounds}", f"seed={seed}", *build, *protocol,
+                                      *overrides, *start], f"rounds-rm{size}-seed{seed}", out_dir)
+            run_dir = Path(out_dir) / record["run_dir"]
+            lines = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines() if x.strip()]
+            last = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()
+                    if x.strip() and json.loads(x).get("split") == "valid"][-1]
+            runs[str(seed)] = {"run_dir": record["run_dir"], "seconds": record["seconds"], "rounds": lines,
+                               **{name: [line[f"valid_{key}"] for line in lines] + [last[key]]
+                                  for name, key in scores.items()}}
+            print(f"[experiments] rm {size} seed {seed}: " + ", ".join(
+                f"{name} {[round(v, 1) for v in runs[str(seed)][name]]}" for name in scores), flush=True)
+        curves[size] = {"seeds": runs, **{name: _band([r[name] for r in runs.values()]) for name in scores}}
+        payload = {"rounds": rounds, "seeds": seeds, "prompts": prompts, "config": _shown(config),
+                   "command_overrides": overrides, "metric": metric, "scores": scores,
+                   "warm_start_steps": warm_start_steps, "curves": curves}
+        figures.mkdir(parents=True, exist_ok=True)
+        _write_atomic(figures / "llm_rounds.json", json.dumps(payload, indent=2) + "\n")
+        _rounds_plot(payload, figures / "llm_rounds.png")
+    return payload
+
+
+def _rounds_plot(payload: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for size, c in curves.items():
-        ax.plot(c["rounds_completed"], c["valid_score"], marker="o", label=f"reward model {size}")
-    ax.set_xlabel("online rounds completed")
-    ax.set_ylabel(f"student validation {metric}")
-    ax.set_title("Online PbKD: student score by round")
-    ax.set_xticks(range(rounds + 1))
-    ax.legend()
+    names = list(payload["scores"])
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.6), squeeze=False)
+    x = list(range(payload["rounds"] + 1))
+    title = {"probe": f"the {payload['prompts']} training prompts", "valid": "validation (held-out facts)"}
+    for ax, name in zip(axes[0], names):
+        for size, c in payload["curves"].items():
+            line, = ax.plot(x, c[name]["mean"], marker="o", label=f"reward model {size}")
+            ax.fill_between(x, c[name]["low"], c[name]["high"], color=line.get_color(), alpha=0.2)
+        ax.set_xlabel("online rounds completed")
+        ax.set_ylabel(f"student {payload['metric']}")
+        ax.set_title(title[name])
+        ax.set_xticks(x)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"Online PbKD by round: mean and min-max over seeds {payload['seeds']}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(figures / "llm_rounds.png", dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    return payload
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -509,7 +552,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warm-start-steps", type=int, default=100,
                         help="sft steps of the shared starting student (0 = start from the config's student)")
     parser.add_argument("--rounds-figure", action="store_true", help="run the round-by-round figure")
-    parser.add_argument("--rm-sizes", nargs="*", default=["1x32", "2x64", "2x128"], help="reward-model sizes LxH")
+    parser.add_argument("--rm-sizes", nargs="*", default=["p5", "p10", "p15"],
+                        help="reward-model sizes of the rounds figure: pN (first N teacher blocks) or LxH (fresh)")
+    parser.add_argument("--rounds-prompts", type=int, default=64,
+                        help="training prompts of the rounds figure, scored beside validation (0 = the whole split)")
     parser.add_argument("--rounds", type=int, default=4, help="online rounds of the rounds figure")
     parser.add_argument("--sanity-rung", action="store_true",
                         help="run the sanity rung: rloo on the known reward, graded on the prompts it is rewarded on")
@@ -525,6 +571,11 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--teacher-topk must be >= 0, got {args.teacher_topk}")
     if not args.methods and not args.rounds_figure and not args.sanity_rung:
         parser.error("give --methods, --rounds-figure and/or --sanity-rung")
+    if args.rounds_prompts < 0:
+        parser.error(f"--rounds-prompts must be >= 0, got {args.rounds_prompts}")
+    with refusing_bad_input():
+        for size in args.rm_sizes if args.rounds_figure else []:
+            parse_size(size)
     if args.rung_prompts < 1:
         parser.error(f"--rung-prompts must be >= 1, got {args.rung_prompts}")
     if args.sanity_rung and args.warm_start_steps == 0:
@@ -548,8 +599,8 @@ def main(argv: list[str] | None = None) -> dict:
         out["sanity_rung"] = sanity_rung(args.seeds, args.rung_prompts, args.config, args.overrides, args.out_dir,
                                          args.warm_start_steps, Path(args.figures_dir))
     if args.rounds_figure:
-        out["rounds"] = rounds_figure(args.rm_sizes, args.rounds, args.seeds[0], args.config, args.overrides,
-                                      args.out_dir, args.warm_start_steps, Path(args.figures_dir))
+        out["rounds"] = rounds_figure(args.rm_sizes, args.rounds, args.seeds, args.config, args.overrides,
+                                      args.out_dir, args.warm_start_steps, Path(args.figures_dir), args.rounds_prompts)
     return out
 
 

@@ -110,19 +110,39 @@ def test_run_one_trains_beside_an_unfinished_run_without_checkpoint_and_finds_it
     assert experiments.run_one(config, ["objective=sft", "max_steps=2"], "r", str(out)) == record
 
 
-def test_rounds_figure_reads_the_per_round_validation_scores(pbkd_assets, tmp_path):
-    config, out, figures = _base_config(pbkd_assets, tmp_path), tmp_path / "experiments", tmp_path / "figures"
-    payload = experiments.rounds_figure(["1x16", "1x32"], 2, 3, config, ["max_steps=4"], str(out),
-                                        warm_start_steps=0, figures=figures)
-    assert set(payload["curves"]) == {"1x16", "1x32"}
+def test_rounds_figure_reads_each_rounds_scores_and_bands_them_over_the_seeds(word_assets, tmp_path):
+    """Online pbkd on the word-level task, two sizes by two seeds: per run, the curve is the probe and
+    validation scores of each round's line (the student entering it) then of the last validation;
+    the band is the mean and min-max over the seeds. The scores move between rounds and seeds (the
+    first check), so a curve read off the wrong lines, or a band over the wrong axis, fails here."""
+    config, out, figures = str(word_assets.config(tmp_path, "pbkd")), tmp_path / "experiments", tmp_path / "figures"
+    payload = experiments.rounds_figure(["1x16", "p1"], 2, [3, 4], config, ["max_steps=8"], str(out),
+                                        warm_start_steps=0, figures=figures, prompts=4)
+    values = [v for c in payload["curves"].values() for r in c["seeds"].values() for v in r["probe"] + r["valid"]]
+    assert len(set(values)) > 3, values
+    assert set(payload["curves"]) == {"1x16", "p1"} and payload["scores"] == {"probe": "train_probe_rouge_l",
+                                                                              "valid": "rouge_l"}
     for size, curve in payload["curves"].items():
-        run_dir = out / f"rounds-rm{size}-seed3"
-        rounds = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
-        assert [r["round"] for r in rounds] == [0, 1]
-        assert curve["valid_score"][:2] == [r["valid_rouge_l"] for r in rounds]  # the config selects by Rouge-L
-        assert len(curve["valid_score"]) == 3 and curve["rounds_completed"] == [0, 1, 2]
-        cfg = json.loads((run_dir / "config.json").read_text())
-        assert cfg["pbkd"]["rm_config"]["hidden_size"] == int(size.split("x")[1]) and cfg["online"]["rounds"] == 2
+        for seed in (3, 4):
+            run_dir = out / f"rounds-rm{size}-seed{seed}"
+            rounds = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
+            valid = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            last = [v for v in valid if v.get("split") == "valid"][-1]
+            assert [r["round"] for r in rounds] == [0, 1] and last["step"] == 8
+            run = curve["seeds"][str(seed)]
+            assert run["valid"] == [r["valid_rouge_l"] for r in rounds] + [last["rouge_l"]]
+            assert run["probe"] == [r["valid_train_probe_rouge_l"] for r in rounds] + [last["train_probe_rouge_l"]]
+            cfg = json.loads((run_dir / "config.json").read_text())
+            assert cfg["online"]["rounds"] == 2 and cfg["data"]["num_train"] == 4 and cfg["eval"]["train_probe"] == 4
+            if size == "p1":
+                assert cfg["pbkd"]["rm_init"] == "pruned" and cfg["pbkd"]["rm_layers"] == [0]
+            else:
+                assert cfg["pbkd"]["rm_init"] == "fresh" and cfg["pbkd"]["rm_config"]["hidden_size"] == 16
+        for name in ("probe", "valid"):
+            per_seed = [curve["seeds"][s][name] for s in ("3", "4")]
+            assert curve[name]["mean"] == pytest.approx([(a + b) / 2 for a, b in zip(*per_seed)])
+            assert curve[name]["low"] == [min(a, b) for a, b in zip(*per_seed)]
+            assert curve[name]["high"] == [max(a, b) for a, b in zip(*per_seed)]
     assert (figures / "llm_rounds.png").stat().st_size > 0
     assert json.loads((figures / "llm_rounds.json").read_text())["curves"] == payload["curves"]
 
@@ -130,8 +150,9 @@ def test_rounds_figure_reads_the_per_round_validation_scores(pbkd_assets, tmp_pa
 def test_unknown_methods_and_sizes_are_refused_with_the_valid_choices(tmp_path):
     with pytest.raises(ValueError, match="valid methods: .*pbkd_online"):
         experiments.comparison_table(["ppo"], [1], "unused.yaml", [], str(tmp_path))
-    with pytest.raises(ValueError, match="LAYERSxWIDTH"):
-        experiments.parse_size("wide")
+    for bad in ("wide", "p0", "p", "2x"):
+        with pytest.raises(ValueError, match="pN .* or LAYERSxWIDTH"):
+            experiments.parse_size(bad)
 
 
 def test_command_line_takes_overrides_anywhere(monkeypatch):
