@@ -287,12 +287,14 @@ def within_prompt_correlation(r: torch.Tensor, known: torch.Tensor, k: int) -> f
     """The mean, over the prompts (consecutive groups of `k` rows) whose `r` and `known` both vary,
     of their Pearson correlation; None when no prompt qualifies."""
     rs, ks = r.reshape(-1, k).double(), known.reshape(-1, k).double()
-    rc, kc = rs - rs.mean(1, keepdim=True), ks - ks.mean(1, keepdim=True)
-    rn, kn = rc.norm(dim=1), kc.norm(dim=1)
-    ok = (rn > 1e-12) & (kn > 1e-12)
+    ok = (rs.amax(1) > rs.amin(1)) & (ks.amax(1) > ks.amin(1))
     if not bool(ok.any()):
         return None
-    return float(((rc * kc).sum(1)[ok] / (rn[ok] * kn[ok])).mean())
+    # Each group is scaled by its largest magnitude before centring, so that a real but tiny spread
+    # (1e-30) neither underflows in the norms nor is mistaken for a tie.
+    rs, ks = rs[ok] / rs[ok].abs().amax(1, keepdim=True), ks[ok] / ks[ok].abs().amax(1, keepdim=True)
+    rc, kc = rs - rs.mean(1, keepdim=True), ks - ks.mean(1, keepdim=True)
+    return float(((rc * kc).sum(1) / (rc.norm(dim=1) * kc.norm(dim=1))).mean())
 
 
 def _held_out(record, fraction: float) -> bool:
