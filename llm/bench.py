@@ -16,7 +16,9 @@ Sections:
 - `game`: a `pbkd` step and a `mm_pbkd` step on the same models and batch, each drawing its
   rollouts (`pg.ppo_epochs=1`), and `mm_pbkd_vs_pbkd` (the issue's budget: at most 2); the
   round's preparation (labelling, the adversary's fit, cut to 5 MLE and 5 refit steps, which a
-  step's cost does not depend on) is timed apart, as `round_s`.
+  step's cost does not depend on) is timed apart, as `round_s`, and the fit within it as `fit_s`;
+  the same for `mm_pbkd` with a frozen Q-head backbone (`mm_pbkd_frozen`, pbkd.mm_frozen_backbone),
+  and `mm_pbkd_fit_frozen_vs_trained`.
 - `topk`: the off-policy `fkl` step with the teacher top-k cache (kd.teacher_topk) against the
   same step running the teacher, and the error of each loss and of its gradient against the full
   teacher distribution, for k in {8, 32, 128}.
@@ -244,6 +246,16 @@ def steps_job(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     trainer, (run, objective, optimizer, scheduler, _, _), setup_s = _run_config(spec)
     cfg, device = run.cfg, run.device
+    fit_s = []
+    if hasattr(objective, "fit_round"):  # the adversary's part of the round's preparation, timed within it
+        fit = objective.fit_round
+
+        def timed_fit(*args):
+            started = time.perf_counter()
+            out = fit(*args)
+            fit_s.append(time.perf_counter() - started)
+            return out
+        objective.fit_round = timed_fit
     started = time.perf_counter()
     objective.start_round(0, range(cfg.max_steps))  # what a round prepares (D, fits): once per round, not per step
     round_s = time.perf_counter() - started
@@ -257,7 +269,7 @@ def steps_job(spec: dict) -> dict:
         if step >= spec["warmup"]:
             seconds.append(time.perf_counter() - start)
             tokens.append(sum(v for k, v in totals.items() if "tokens" in k))
-    out = {"setup_s": setup_s, "round_s": round_s, "s_per_step": statistics.median(seconds), "all_s": seconds,
+    out = {"setup_s": setup_s, "round_s": round_s, **({"fit_s": fit_s[0]} if fit_s else {}), "s_per_step": statistics.median(seconds), "all_s": seconds,
            "response_tokens_per_step": statistics.median(tokens),
            "response_tokens_per_s": statistics.median(t / s for t, s in zip(tokens, seconds)),
            "peak_memory_mb": (_peak_bytes(device) - base) / 2**20 if device.type == "cuda" else _peak_bytes(device) / 2**20}
@@ -544,6 +556,8 @@ def summary(record: dict) -> dict:
     game = record.get("game", {}).get("results", {})
     if "pbkd" in game and "mm_pbkd" in game:
         out["mm_pbkd_vs_pbkd"] = game["mm_pbkd"]["s_per_step"] / game["pbkd"]["s_per_step"]
+    if "mm_pbkd" in game and "mm_pbkd_frozen" in game:
+        out["mm_pbkd_fit_frozen_vs_trained"] = game["mm_pbkd_frozen"]["fit_s"] / game["mm_pbkd"]["fit_s"]
     for k, r in record.get("topk", {}).get("k", {}).items():
         out[f"topk_speedup_fkl_{k}"] = r["speedup"]
     if "memory" in record:
@@ -605,8 +619,11 @@ def main(argv=None) -> dict:
             record["steps"] = {"settings": settings, "results": bench_steps(objectives, base, spec, fresh)}
             save()
         if "game" in args.sections:
-            record["game"] = {"settings": {"models": testbed, "overrides": GAME_OVERRIDES},
-                              "results": bench_steps(("pbkd", "mm_pbkd"), base | GAME_OVERRIDES, spec, fresh)}
+            results = bench_steps(("pbkd", "mm_pbkd"), base | GAME_OVERRIDES, spec, fresh)
+            _log("steps: mm_pbkd with a frozen Q-head backbone ...")
+            results["mm_pbkd_frozen"] = in_fresh_process(steps_job, spec | {"overrides": base | GAME_OVERRIDES | {
+                "objective": "mm_pbkd", "pbkd.mm_frozen_backbone": True}}, fresh)
+            record["game"] = {"settings": {"models": testbed, "overrides": GAME_OVERRIDES}, "results": results}
             save()
         if "gpt2" in args.sections:
             pair = (base if args.quick else gpt2_small_pair(args.cache_dir))

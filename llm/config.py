@@ -171,6 +171,10 @@ class PbKDConfig:
                                       "(0 = the dense distribution)")
     mm_length_normalize: bool = _field(True, "mm_pbkd: divide the induced reward r_f by the response length in the "
                                              "BT link (its sum grows with the length)")
+    mm_frozen_backbone: bool = _field(
+        False, "mm_pbkd: freeze the Q-head's backbone and train only its vocabulary head (a copy of the output layer, "
+        "untied from the embeddings), as pbkd's reward model is trained: f is linear in fixed features, which are "
+        "computed once for every response of D, so the round's fit runs the head alone")
     mm_beta: float = _field(0.5, "beta mixing the off-policy (beta) and on-policy (1-beta) moments (mm_pbkd)")
 
 

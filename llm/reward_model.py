@@ -194,14 +194,38 @@ class QHead(nn.Module):
     ``lm`` is a causal LM (its logits are the raw output), separate from the student and
     sharing the teacher's vocabulary.  ``forward`` returns ``(B, T, |V|)`` aligned with logits:
     position ``t`` is the state after tokens ``0..t``, acting on the token at ``t + 1``.
+
+    ``frozen_backbone=True`` freezes ``lm`` and trains only ``head``, a copy of its output layer
+    (untied from the input embeddings, which stay frozen): ``raw(s, .) = head(h(s))`` with ``h``
+    the backbone's final hidden state, so f is linear in fixed features (spec llm.md section 2a),
+    as ``pbkd``'s reward model is, and :meth:`features` of a fixed response can be computed once
+    and reused by :meth:`head_values`.
     """
 
-    def __init__(self, lm: PreTrainedModel, bound: float = 1.0):
+    def __init__(self, lm: PreTrainedModel, bound: float = 1.0, frozen_backbone: bool = False):
         super().__init__()
         self.bound = _check_bound("bound", bound)
-        if lm.get_output_embeddings() is None:
+        out = lm.get_output_embeddings()
+        if out is None:
             raise ValueError(f"{type(lm).__name__} has no output layer; the Q-head needs a causal LM (AutoModelForCausalLM)")
         self.lm = lm
+        self.head = None
+        if frozen_backbone:
+            lm.requires_grad_(False).eval()
+            weight, bias = out.weight, getattr(out, "bias", None)
+            self.head = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
+                                  dtype=weight.dtype)
+            with torch.no_grad():
+                self.head.weight.copy_(weight)
+                if bias is not None:
+                    self.head.bias.copy_(bias)
+
+    def train(self, mode: bool = True) -> QHead:
+        """A frozen backbone stays in eval mode (no dropout on its fixed features)."""
+        super().train(mode)
+        if self.head is not None:
+            self.lm.eval()
+        return self
 
     @property
     def vocab_size(self) -> int:
@@ -229,10 +253,34 @@ class QHead(nn.Module):
         ``positions`` only (the vocabulary-sized output is then computed at those positions alone);
         padded positions are 0."""
         mask = _check_batch(input_ids, attention_mask)
+        valid = (mask if positions is None else mask.gather(1, positions)).bool()
+        if self.head is not None:
+            return self.head_values(self.features(input_ids, mask, positions), valid)
         keep = {} if positions is None else {"logits_to_keep": positions}
         raw = self.lm(input_ids=input_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
                       **keep).logits.float()
-        valid = (mask if positions is None else mask.gather(1, positions)).bool().unsqueeze(-1).expand_as(raw)
+        return self._bounded(raw, valid)
+
+    @torch.no_grad()
+    def features(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                 positions: Tensor | None = None) -> Tensor:
+        """The frozen backbone's final hidden states ``h(s)``, ``(B, T, H)`` or ``(B, K, H)`` at ``positions``."""
+        if self.head is None:
+            raise ValueError("Q-head features are fixed only with frozen_backbone=True (pbkd.mm_frozen_backbone)")
+        mask = _check_batch(input_ids, attention_mask)
+        hidden = _backbone_of(self.lm)(input_ids=input_ids, attention_mask=mask,
+                                       position_ids=position_ids_from_mask(mask)).last_hidden_state
+        if positions is not None:
+            hidden = hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        return hidden
+
+    def head_values(self, features: Tensor, valid: Tensor) -> Tensor:
+        """Bounded ``f_phi`` from :meth:`features` ``(B, K, H)``; positions where ``valid`` (B, K) is 0 give 0."""
+        raw = self.head(features.to(self.head.weight.dtype)).float()
+        return self._bounded(raw, valid.bool())
+
+    def _bounded(self, raw: Tensor, valid: Tensor) -> Tensor:
+        valid = valid.unsqueeze(-1).expand_as(raw)
         _raise_non_finite("Q-head f_phi", raw, valid)
         # Zero the padded positions before the tanh, so no value there can reach a gradient.
         return bounded(torch.where(valid, raw, torch.zeros((), dtype=raw.dtype, device=raw.device)), self.bound)

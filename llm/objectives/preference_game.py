@@ -482,9 +482,13 @@ class MMPbKD(_PreferenceGame):
                              "(use objective=pbkd for text-only distillation)")
         super().__init__(run)
         self.teacher_on_D: dict = {}  # (round, index) -> {"1" | "0": the teacher's p on that response, unpadded}
+        self.features_on_D: dict = {}  # the same for the frozen Q-head backbone's h (pbkd.mm_frozen_backbone)
 
     def build_adversary(self):
-        return QHead(self.backbone(), bound=self.p.q_bound)
+        return QHead(self.backbone(), bound=self.p.q_bound, frozen_backbone=self.p.mm_frozen_backbone)
+
+    def adversary_parameters(self):
+        return self.adversary.head.parameters() if self.p.mm_frozen_backbone else self.adversary.parameters()
 
     @property
     def zeta_over_n(self) -> float:
@@ -504,7 +508,8 @@ class MMPbKD(_PreferenceGame):
         out = []
         for side, batch in self.encode_sides(records).items():
             p = self.cached_teacher(records, side, batch)
-            r_f = losses.induced_sequence_reward(self.f_values(batch), p, batch["labels"], batch["response_mask"])
+            r_f = losses.induced_sequence_reward(self.record_f(records, side, batch), p, batch["labels"],
+                                                 batch["response_mask"])
             out.append(r_f / batch["response_mask"].sum(1) if self.p.mm_length_normalize else r_f)
         return out[0], out[1]
 
@@ -515,19 +520,23 @@ class MMPbKD(_PreferenceGame):
             return losses.TopKProbs(*losses.teacher_topk(logits, self.p.mm_teacher_topk))
         return torch.softmax(logits, -1)
 
-    def cache_teacher(self, records) -> None:
-        """The teacher's distributions on both responses of every record not yet cached (frozen for the run)."""
+    def cache_records(self, records) -> None:
+        """The frozen quantities of both responses of every record not yet cached, computed once for the run:
+        the teacher's distributions and, with `pbkd.mm_frozen_backbone`, the Q-head backbone's features."""
         missing = [r for r in records if (r.round, r.index) not in self.teacher_on_D]
         for block in chunks(missing, self.p.bt_batch_size):
-            sides = {side: (self.teacher_distribution(batch), batch["response_mask"].sum(1).tolist())
-                     for side, batch in self.encode_sides(block).items()}
-            for i, r in enumerate(block):
-                self.teacher_on_D[(r.round, r.index)] = {
-                    side: _row(p, i, int(n[i])) for side, (p, n) in sides.items()}
+            for side, batch in self.encode_sides(block).items():
+                p, n = self.teacher_distribution(batch), batch["response_mask"].sum(1).tolist()
+                h = (self.adversary.features(batch["input_ids"], batch["attention_mask"], batch["positions"])
+                     if self.p.mm_frozen_backbone else None)
+                for i, r in enumerate(block):
+                    self.teacher_on_D.setdefault((r.round, r.index), {})[side] = _row(p, i, int(n[i]))
+                    if h is not None:
+                        self.features_on_D.setdefault((r.round, r.index), {})[side] = _row(h, i, int(n[i]))
 
     def cached_teacher(self, records, side: str, batch: dict):
         """The cached teacher distributions of `records`' responses `side`, laid out as `batch`'s positions."""
-        self.cache_teacher(records)
+        self.cache_records(records)
         rows = [self.teacher_on_D[(r.round, r.index)][side] for r in records]
         p, device = _stack_rows(rows, batch["labels"].shape[1]), batch["labels"].device
         if isinstance(p, losses.TopKProbs):
@@ -554,7 +563,7 @@ class MMPbKD(_PreferenceGame):
         """MLE warm start: `pbkd.mle_steps` Adam steps on NLL_BT(phi; D) minibatches; NLL_ref = NLL_BT at the end.
         Under ``pbkd.timescale=refit`` then `pbkd.refit_steps` Lagrangian steps against the round's labelled
         student samples (the Q-head is frozen for the round after them)."""
-        opt = torch.optim.AdamW(self.adversary.parameters(), lr=self.p.mle_lr)
+        opt = torch.optim.AdamW(self.adversary_parameters(), lr=self.p.mle_lr)
         self.adversary.train()
         for j in range(self.p.mle_steps):
             nll = self.guarded(self.bt_nll_of, self.preference_batch(10_000_019 * (round_index + 1) + j))
@@ -586,7 +595,8 @@ class MMPbKD(_PreferenceGame):
             S, T = sides["1"], sides["0"]
             with torch.no_grad():
                 q_T = torch.softmax(logits_of(run.student, T, run).float(), -1)
-            off, on = self.moments(T, S, q_T, self.cached_teacher(block, "1", S))
+            off, on = self.moments(T, S, q_T, self.cached_teacher(block, "1", S),
+                                   self.record_f(block, "0", T), self.record_f(block, "1", S))
             loss = losses.mm_pbkd_adversary_loss(off, on, nll, self.nll_ref, self.zeta_over_n, self.lam, beta)
             return loss, (beta * off + (1 - beta) * on).detach()
 
@@ -619,15 +629,26 @@ class MMPbKD(_PreferenceGame):
         """f_phi(s_h, .) at the response positions, (B, K, V), aligned with batch["labels"]."""
         return self.adversary(batch["input_ids"], batch["attention_mask"], batch["positions"])
 
+    def record_f(self, records, side: str, batch: dict) -> torch.Tensor:
+        """f_phi (with gradient) on the responses `side` of D's `records`, encoded as `batch`: with
+        `pbkd.mm_frozen_backbone` the head alone on the cached features, otherwise the Q-head's forward."""
+        if not self.p.mm_frozen_backbone:
+            return self.f_values(batch)
+        self.cache_records(records)
+        rows = [self.features_on_D[(r.round, r.index)][side] for r in records]
+        h = _stack_rows(rows, batch["labels"].shape[1]).to(batch["labels"].device)
+        return self.adversary.head_values(h, batch["response_mask"])
+
     def sequence_rewards(self, batch):
         """The induced reward r_f(tau) = sum_h [f(s_h, y_h) - <p(.|s_{h+1}), f(s_{h+1}, .)>]."""
         return losses.induced_sequence_reward(self.f_values(batch), self.teacher_distribution(batch), batch["labels"],
                                               batch["response_mask"])
 
-    def moments(self, T: dict, S: dict, q_T: torch.Tensor, p_S: torch.Tensor):
-        """(off-policy moment on teacher rollouts T, on-policy moment on student rollouts S), f with gradient."""
-        off = losses.q_moment_off_policy(self.f_values(T), q_T, T["labels"], T["response_mask"])
-        on = losses.q_moment_on_policy(self.f_values(S), p_S, S["labels"], S["response_mask"])
+    def moments(self, T: dict, S: dict, q_T: torch.Tensor, p_S: torch.Tensor, f_T: torch.Tensor, f_S: torch.Tensor):
+        """(off-policy moment on teacher rollouts T, on-policy moment on student rollouts S), from f_phi on
+        them with gradient."""
+        off = losses.q_moment_off_policy(f_T, q_T, T["labels"], T["response_mask"])
+        on = losses.q_moment_on_policy(f_S, p_S, S["labels"], S["response_mask"])
         return off, on
 
     def rollout_rewards(self, examples: list[Example], y_S: Rollout, step: int) -> torch.Tensor:
@@ -646,7 +667,7 @@ class MMPbKD(_PreferenceGame):
                 q_T = torch.softmax(logits_of(run.student, T_all, run).float(), -1)
 
             def lagrangian(nll, j):  # -(beta off + (1-beta) on) + lam (NLL_BT(r_f) - NLL_ref - zeta/|D|)
-                off, on = self.moments(T_all, S_all, q_T, p_S)
+                off, on = self.moments(T_all, S_all, q_T, p_S, self.f_values(T_all), self.f_values(S_all))
                 loss = losses.mm_pbkd_adversary_loss(off, on, nll, self.nll_ref, self.zeta_over_n, self.lam, beta)
                 return loss, (beta * off + (1 - beta) * on).detach()
 
@@ -683,7 +704,7 @@ class MMPbKD(_PreferenceGame):
 
 
 def _row(p, i: int, n: int):
-    """Row i's first n positions of a dense (B, K, V) distribution or a TopKProbs, on the CPU."""
+    """Row i's first n positions of dense (B, K, V) probabilities or (B, K, H) features, or a TopKProbs, on the CPU."""
     if isinstance(p, losses.TopKProbs):
         return losses.TopKProbs(p.ids[i, :n].cpu(), p.logp[i, :n].cpu(), p.tail_logp[i, :n].cpu())
     return p[i, :n].cpu()

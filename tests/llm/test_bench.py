@@ -32,6 +32,8 @@ def test_quick_bench_writes_the_scratch_folder_with_its_environment(tmp_path, mo
     assert "floor_s_per_step" not in steps["pbkd"] and steps["pbkd"]["s_per_step"] > 0
     game = written["game"]["results"]
     assert summary["mm_pbkd_vs_pbkd"] == game["mm_pbkd"]["s_per_step"] / game["pbkd"]["s_per_step"]
+    assert summary["mm_pbkd_fit_frozen_vs_trained"] == game["mm_pbkd_frozen"]["fit_s"] / game["mm_pbkd"]["fit_s"]
+    assert all(0 < game[name]["fit_s"] < game[name]["round_s"] for name in ("pbkd", "mm_pbkd", "mm_pbkd_frozen"))
     assert summary["topk_speedup_fkl_k8"] == written["topk"]["k"]["k8"]["speedup"]
     errors = written["topk"]["errors"]["fkl"]["k8"]
     assert 0 <= errors["value_rel_error"] < 1 and errors["grad_rel_error"] > 0

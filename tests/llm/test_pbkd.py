@@ -28,7 +28,7 @@ from llm.config import load_config
 from llm.judges import JUDGES
 from llm.objectives.preference_game import MMPbKD, PbKD, within_prompt_correlation
 from llm.run import encode, logits_of
-from llm.preference_store import PreferenceStore
+from llm.preference_store import PreferenceRecord, PreferenceStore
 from llm.reward_model import NonFiniteRewardError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -249,10 +249,11 @@ def test_pbkd_raises_the_judges_reward_and_would_not_with_a_flipped_or_detached_
         assert after < before + 0.05, (fault, before, after)
 
 
-@pytest.mark.parametrize("timescale, fault", [("refit", None), ("refit", "flipped"), ("refit", "detached"),
-                                             ("inner", None)])
+@pytest.mark.parametrize("timescale, fault, frozen", [("refit", None, False), ("refit", "flipped", False),
+                                                     ("refit", "detached", False), ("inner", None, False),
+                                                     ("refit", None, True), ("refit", "flipped", True)])
 def test_mm_pbkd_raises_the_judges_reward_and_would_not_with_a_flipped_or_detached_student_loss(
-        word_assets, plant_student_fault, tmp_path, timescale, fault):
+        word_assets, plant_student_fault, tmp_path, timescale, fault, frozen):
     """Offline mm_pbkd on the word-level assets (the Q-head's output is the 11-word vocabulary): the
     student, trained by the student step on the induced reward r_f plus the off-policy moment, must
     raise its expected Rouge-L, and must not with its loss negated or detached. Both timescales: the
@@ -262,12 +263,14 @@ def test_mm_pbkd_raises_the_judges_reward_and_would_not_with_a_flipped_or_detach
     and a frozen MLE Q-head, never refit, drives the reward to 0.0 (the student exploits r_f of a head
     that never maximised the gap). A planted fault must make the learning assertion fail: negated
     against the frozen refit head, the student runs down r_f and lands on responses the judge scores
-    about 0.33 (seed 3), not on the teacher's."""
+    about 0.33 (seed 3), not on the teacher's. With pbkd.mm_frozen_backbone (the fresh one-block
+    backbone's features fixed, the vocabulary head alone trained) the refit raises the reward from
+    0.21 to 0.67, and with the student's loss negated it stays at 0.22."""
     if fault is not None:
         plant_student_fault(fault, MMPbKD)
     before, after = word_assets.reward_before_after(
         tmp_path, "mm_pbkd", **{"pbkd.timescale": timescale, "pbkd.adversary_steps": 10, "pbkd.mle_steps": 30,
-                                "pbkd.mle_lr": 1e-3})
+                                "pbkd.mle_lr": 1e-3, "pbkd.mm_frozen_backbone": frozen})
     learnt = after > before + 0.3
     assert learnt if fault is None else not learnt, (fault, before, after)
 
@@ -353,6 +356,39 @@ def test_mm_pbkd_refit_fits_the_q_head_once_a_round_and_its_steps_leave_it_froze
     for r in train:  # (a step's values are summed over its micro-batches, weighted by their shares)
         assert [r["bt_nll"], r["lam"], r["lam_positive"]] == pytest.approx(
             [train[0]["bt_nll"], line["lam"], line["lam_positive"]], rel=1e-6)
+
+
+def test_mm_pbkd_frozen_backbone_scores_D_from_cached_features_and_its_refit_moves_the_head_alone(assets, tmp_path):
+    """pbkd.mm_frozen_backbone: the induced rewards of D's pairs, taken from the features cached once
+    per record and laid out at each batch's positions, equal those of the Q-head's full forward on
+    the same batch (a cached row misplaced or cut to the wrong length would not); the cache holds
+    each record's response length; and a refit run changes the Q-head's head and no backbone weight."""
+    small = {"batch_size": 2, "max_steps": 2, "pbkd.pairs_per_round": 2, "pbkd.bt_batch_size": 3,
+             "pbkd.mle_steps": 2, "pbkd.refit_steps": 2, "pbkd.mm_frozen_backbone": True,
+             "pg.samples_per_prompt": 2, "pg.ppo_epochs": 1, "eval.max_new_tokens": 2}
+    cfg = load_config(_write(tmp_path, assets.config(tmp_path, objective="mm_pbkd", **small)))
+    run, objective, *_ = trainer.setup(cfg)
+    examples = run.train_data[:3]
+    records = [PreferenceRecord(round=0, index=i, prompt=ex.prompt, response_0=ex.response, response_1=y,
+                                model_0="teacher", model_1="student", label=i % 2, judge="test", judge_output="")
+               for i, (ex, y) in enumerate(zip(examples, ["red cat", "sun moon tree river", "lamp"]))]
+    r1, r0 = objective.pair_rewards(records)
+    for side, r in (("1", r1), ("0", r0)):
+        batch = objective.encode_sides(records)[side]
+        assert [len(objective.features_on_D[(0, i)][side]) for i in range(3)] == batch["response_mask"].sum(1).tolist()
+        with torch.no_grad():
+            p = objective.cached_teacher(records, side, batch)
+            want = losses.induced_sequence_reward(objective.f_values(batch), p, batch["labels"], batch["response_mask"])
+            want = want / batch["response_mask"].sum(1)
+        torch.testing.assert_close(r.detach(), want, atol=1e-5, rtol=1e-5)
+    backbone = {k: v.clone() for k, v in objective.adversary.lm.state_dict().items()}
+    head = objective.adversary.head.weight.detach().clone()
+    out = _train(assets, tmp_path / "run", objective="mm_pbkd", save_every=1, **small)
+    state = torch.load(Path(out["run_dir"]) / "checkpoints" / "latest" / "trainer_state_rank0.pt",
+                       weights_only=True)["objective"]["adversary"]
+    assert not torch.equal(state["head.weight"], head)
+    for name, value in backbone.items():
+        torch.testing.assert_close(state[f"lm.{name}"], value, rtol=0, atol=0)
 
 
 def _brute_force_terms(run, qhead, examples, responses):

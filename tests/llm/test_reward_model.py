@@ -158,3 +158,37 @@ def test_q_head_shape_bound_and_alignment_with_logits(family):
         q.lm.get_output_embeddings().weight[5, 0] = float("nan")
         with pytest.raises(NonFiniteRewardError, match="Q-head f_phi produced"):
             q(ids, mask)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_q_head_with_a_frozen_backbone_equals_the_lm_and_trains_its_head_alone(family):
+    """frozen_backbone: at the start f is the LM's own f (so the features are the hidden states its
+    output layer reads, after the final norm and any projection), computed from the features alone
+    at any positions; an optimiser step on the head moves the head only, and the input embeddings
+    the LM's output layer is tied to stay as they were."""
+    lm = AutoModelForCausalLM.from_config(tiny_config(family, VOCAB))
+    with torch.no_grad():
+        lm.get_output_embeddings().weight.normal_(std=0.5)  # raw values large enough for the tanh to bend
+    trained = QHead(lm, bound=0.5).eval()
+    frozen = QHead(lm, bound=0.5, frozen_backbone=True).train()
+    assert not frozen.lm.training and not any(p.requires_grad for p in frozen.lm.parameters())
+    ids, mask = _pad(_sequences(2), "right", 0)
+    T = ids.shape[1]
+    positions = torch.tensor([[0, 3, 6], [0, 1, 2], [4, 8, T - 1]])
+    with torch.no_grad():
+        want = trained(ids, mask, positions)
+    got = frozen(ids, mask, positions)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    h = frozen.features(ids, mask, positions)
+    assert not h.requires_grad
+    torch.testing.assert_close(frozen.head_values(h, mask.gather(1, positions)), want, atol=2e-5, rtol=1e-5)
+    before = {k: v.clone() for k, v in frozen.lm.state_dict().items()}
+    head = frozen.head.weight.detach().clone()
+    opt = torch.optim.SGD(frozen.head.parameters(), lr=1.0)
+    frozen(ids, mask, positions).sum().backward()
+    opt.step()
+    assert not torch.equal(frozen.head.weight, head)
+    for name, value in frozen.lm.state_dict().items():
+        torch.testing.assert_close(value, before[name], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="features are fixed only with frozen_backbone=True"):
+        trained.features(ids, mask)
