@@ -629,6 +629,15 @@ class MMPbKD(_PreferenceGame):
         """f_phi(s_h, .) at the response positions, (B, K, V), aligned with batch["labels"]."""
         return self.adversary(batch["input_ids"], batch["attention_mask"], batch["positions"])
 
+    def f_of(self, batch: dict):
+        """A function giving f_phi (with gradient) on `batch` for the Q-head as it is when called: with
+        `pbkd.mm_frozen_backbone` the batch's features are computed here, once, and each call runs the head."""
+        if not self.p.mm_frozen_backbone:
+            return lambda: self.f_values(batch)
+        h = self.adversary.features(batch["input_ids"], batch["attention_mask"], batch["positions"])
+        valid = batch["attention_mask"].gather(1, batch["positions"])
+        return lambda: self.adversary.head_values(h, valid)
+
     def record_f(self, records, side: str, batch: dict) -> torch.Tensor:
         """f_phi (with gradient) on the responses `side` of D's `records`, encoded as `batch`: with
         `pbkd.mm_frozen_backbone` the head alone on the cached features, otherwise the Q-head's forward."""
@@ -656,26 +665,28 @@ class MMPbKD(_PreferenceGame):
         `pbkd.adversary_steps` on this rollout batch.
 
         Each frozen quantity is computed once for the batch: the teacher's p on the rollouts and (inner)
-        the student's q on the teacher responses (the adversary's moments), then f after its steps."""
+        the student's q on the teacher responses (the adversary's moments), with a frozen Q-head
+        backbone its features on both; then f after its steps."""
         run, beta = self.run, self.p.mm_beta
         S_all = encode_rollout(run, y_S)
         with torch.no_grad():
             p_S = self.teacher_distribution(S_all)
+        f_S = self.f_of(S_all)
         if self.p.timescale == "inner":
             T_all = encode_teacher_responses(run, examples, self.teacher_cache)
+            f_T = self.f_of(T_all)
             with torch.no_grad():
                 q_T = torch.softmax(logits_of(run.student, T_all, run).float(), -1)
 
             def lagrangian(nll, j):  # -(beta off + (1-beta) on) + lam (NLL_BT(r_f) - NLL_ref - zeta/|D|)
-                off, on = self.moments(T_all, S_all, q_T, p_S, self.f_values(T_all), self.f_values(S_all))
+                off, on = self.moments(T_all, S_all, q_T, p_S, f_T(), f_S())
                 loss = losses.mm_pbkd_adversary_loss(off, on, nll, self.nll_ref, self.zeta_over_n, self.lam, beta)
                 return loss, (beta * off + (1 - beta) * on).detach()
 
             self.adversary_update(lagrangian, step, self.p.adversary_steps)
         with torch.no_grad():
             self.adversary.eval()
-            f_S = self.guarded(self.f_values, S_all)
-            return losses.induced_sequence_reward(f_S, p_S, S_all["labels"], S_all["response_mask"])
+            return losses.induced_sequence_reward(self.guarded(f_S), p_S, S_all["labels"], S_all["response_mask"])
 
     def make_batch(self, examples, step):
         """The student step's micro-batches, each with f of the current Q-head on its teacher responses. The

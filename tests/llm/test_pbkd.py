@@ -251,7 +251,8 @@ def test_pbkd_raises_the_judges_reward_and_would_not_with_a_flipped_or_detached_
 
 @pytest.mark.parametrize("timescale, fault, frozen", [("refit", None, False), ("refit", "flipped", False),
                                                      ("refit", "detached", False), ("inner", None, False),
-                                                     ("refit", None, True), ("refit", "flipped", True)])
+                                                     ("refit", None, True), ("refit", "flipped", True),
+                                                     ("inner", None, True)])
 def test_mm_pbkd_raises_the_judges_reward_and_would_not_with_a_flipped_or_detached_student_loss(
         word_assets, plant_student_fault, tmp_path, timescale, fault, frozen):
     """Offline mm_pbkd on the word-level assets (the Q-head's output is the 11-word vocabulary): the
@@ -265,7 +266,7 @@ def test_mm_pbkd_raises_the_judges_reward_and_would_not_with_a_flipped_or_detach
     against the frozen refit head, the student runs down r_f and lands on responses the judge scores
     about 0.33 (seed 3), not on the teacher's. With pbkd.mm_frozen_backbone (the fresh one-block
     backbone's features fixed, the vocabulary head alone trained) the refit raises the reward from
-    0.21 to 0.67, and with the student's loss negated it stays at 0.22."""
+    0.21 to 0.67, and with the student's loss negated it stays at 0.22; 10 inner steps a batch reach 0.96."""
     if fault is not None:
         plant_student_fault(fault, MMPbKD)
     before, after = word_assets.reward_before_after(
