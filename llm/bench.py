@@ -269,7 +269,8 @@ def steps_job(spec: dict) -> dict:
         if step >= spec["warmup"]:
             seconds.append(time.perf_counter() - start)
             tokens.append(sum(v for k, v in totals.items() if "tokens" in k))
-    out = {"setup_s": setup_s, "round_s": round_s, **({"fit_s": fit_s[0]} if fit_s else {}), "s_per_step": statistics.median(seconds), "all_s": seconds,
+    out = {"setup_s": setup_s, "round_s": round_s, **({"fit_s": fit_s[0]} if fit_s else {}),
+           "s_per_step": statistics.median(seconds), "all_s": seconds,
            "response_tokens_per_step": statistics.median(tokens),
            "response_tokens_per_s": statistics.median(t / s for t, s in zip(tokens, seconds)),
            "peak_memory_mb": (_peak_bytes(device) - base) / 2**20 if device.type == "cuda" else _peak_bytes(device) / 2**20}
