@@ -479,7 +479,12 @@ def rounds_figure(sizes: list[str], rounds: int, seeds: list[int], config: str, 
     rung's protocol: the known reward pays for the facts of the prompts D is collected on, which
     the held-out validation facts do not hold) beside the validation score; ``prompts = 0`` trains
     on the whole split and scores validation (``eval.select_by``) alone.
-    -> ``figures/llm_rounds.{png,json}``, rewritten after every run."""
+
+    The figure's JSON is also a store of finished runs: a (size, seed) entry of an existing
+    ``llm_rounds.json`` with the same protocol (rounds, prompts, config, overrides, warm start) is
+    reused when ``out_dir`` holds no finished run of that name, so seeds added later, or run on
+    another machine, join the earlier ones. Code changes are not detected: remove the file to redo
+    every run. -> ``figures/llm_rounds.{png,json}``, rewritten after every run."""
     if not seeds:
         raise ValueError("--seeds needs at least one training seed")
     if prompts < 0:
@@ -489,12 +494,22 @@ def rounds_figure(sizes: list[str], rounds: int, seeds: list[int], config: str, 
     protocol = [f"data.num_train={prompts}", f"eval.train_probe={prompts}", "eval.test=false"] if prompts else []
     metric = load_config(config, [*overrides, *protocol]).eval.select_by
     scores = {"probe": f"train_probe_{metric}", "valid": metric} if prompts else {"valid": metric}
+    protocol_record = {"rounds": rounds, "prompts": prompts, "config": _shown(config), "command_overrides": overrides,
+                       "metric": metric, "scores": scores, "warm_start_steps": warm_start_steps}
+    stored = _stored_rounds(figures / "llm_rounds.json", protocol_record)
     curves = {}
     for size, build in builds.items():
         runs = {}
         for seed in seeds:
+            name = f"rounds-rm{size}-seed{seed}"
+            entry = stored.get(size, {}).get("seeds", {}).get(str(seed))
+            if entry is not None and not any((f / RECORD).is_file() for f in _folders(out_dir, name)):
+                print(f"[experiments] rm {size} seed {seed}: reusing the entry of {figures / 'llm_rounds.json'}",
+                      flush=True)
+                runs[str(seed)] = entry
+                continue
             record = run_one(config, ["objective=pbkd", f"online.rounds={rounds}", f"seed={seed}", *build, *protocol,
-                                      *overrides, *start], f"rounds-rm{size}-seed{seed}", out_dir)
+                                      *overrides, *start], name, out_dir)
             run_dir = Path(out_dir) / record["run_dir"]
             lines = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines() if x.strip()]
             last = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()
@@ -505,13 +520,19 @@ def rounds_figure(sizes: list[str], rounds: int, seeds: list[int], config: str, 
             print(f"[experiments] rm {size} seed {seed}: " + ", ".join(
                 f"{name} {[round(v, 1) for v in runs[str(seed)][name]]}" for name in scores), flush=True)
         curves[size] = {"seeds": runs, **{name: _band([r[name] for r in runs.values()]) for name in scores}}
-        payload = {"rounds": rounds, "seeds": seeds, "prompts": prompts, "config": _shown(config),
-                   "command_overrides": overrides, "metric": metric, "scores": scores,
-                   "warm_start_steps": warm_start_steps, "curves": curves}
+        payload = {**protocol_record, "seeds": seeds, "curves": curves}
         figures.mkdir(parents=True, exist_ok=True)
         _write_atomic(figures / "llm_rounds.json", json.dumps(payload, indent=2) + "\n")
         _rounds_plot(payload, figures / "llm_rounds.png")
     return payload
+
+
+def _stored_rounds(path: Path, protocol: dict) -> dict:
+    """The curves of the rounds figure at ``path`` when it was made under ``protocol``, else {}."""
+    if not path.is_file():
+        return {}
+    saved = json.loads(path.read_text())
+    return saved["curves"] if all(saved.get(k) == v for k, v in protocol.items()) else {}
 
 
 def _rounds_plot(payload: dict, path: Path) -> None:

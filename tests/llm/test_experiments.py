@@ -147,6 +147,42 @@ def test_rounds_figure_reads_each_rounds_scores_and_bands_them_over_the_seeds(wo
     assert json.loads((figures / "llm_rounds.json").read_text())["curves"] == payload["curves"]
 
 
+def test_rounds_figure_reuses_the_stored_entries_of_its_own_protocol_only(word_assets, tmp_path, monkeypatch):
+    """A (size, seed) entry of an existing llm_rounds.json made under the same protocol is reused
+    and banded with the rest; one made under another protocol (here other overrides) is not, and
+    a finished run in out_dir comes before the stored entry. Reusing across protocols, or not at
+    all, fails here."""
+    config, out, figures = str(word_assets.config(tmp_path, "pbkd")), tmp_path / "experiments", tmp_path / "figures"
+    figures.mkdir()
+    entry = {"run_dir": "rounds-rm1x16-seed3", "seconds": 1.0, "rounds": [], "probe": [10.0, 30.0],
+             "valid": [5.0, 7.0]}
+    protocol = {"rounds": 1, "prompts": 4, "config": experiments._shown(config), "command_overrides": ["max_steps=8"],
+                "metric": "rouge_l", "scores": {"probe": "train_probe_rouge_l", "valid": "rouge_l"},
+                "warm_start_steps": 0}
+    other = {**entry, "probe": [20.0, 50.0]}
+    stored = {**protocol, "seeds": [3, 4], "curves": {"1x16": {"seeds": {"3": entry, "4": other}}}}
+    (figures / "llm_rounds.json").write_text(json.dumps(stored))
+
+    def trained(*args, **kwargs):
+        raise AssertionError("trained")
+
+    monkeypatch.setattr(experiments, "run_one", trained)
+    payload = experiments.rounds_figure(["1x16"], 1, [4, 3], config, ["max_steps=8"], str(out),
+                                        warm_start_steps=0, figures=figures, prompts=4)
+    curve = payload["curves"]["1x16"]
+    assert curve["seeds"] == {"4": other, "3": entry} and payload["seeds"] == [4, 3]
+    assert curve["probe"] == {"mean": [15.0, 40.0], "low": [10.0, 30.0], "high": [20.0, 50.0]}
+    assert json.loads((figures / "llm_rounds.json").read_text())["curves"] == payload["curves"]
+    with pytest.raises(AssertionError, match="trained"):  # another protocol: nothing is reused
+        experiments.rounds_figure(["1x16"], 1, [3], config, ["max_steps=9"], str(out),
+                                  warm_start_steps=0, figures=figures, prompts=4)
+    (out / "rounds-rm1x16-seed3").mkdir(parents=True)
+    (out / "rounds-rm1x16-seed3" / experiments.RECORD).write_text("{}")
+    with pytest.raises(AssertionError, match="trained"):  # a finished run in out_dir is read, not the store
+        experiments.rounds_figure(["1x16"], 1, [3], config, ["max_steps=8"], str(out),
+                                  warm_start_steps=0, figures=figures, prompts=4)
+
+
 def test_unknown_methods_and_sizes_are_refused_with_the_valid_choices(tmp_path):
     with pytest.raises(ValueError, match="valid methods: .*pbkd_online"):
         experiments.comparison_table(["ppo"], [1], "unused.yaml", [], str(tmp_path))
