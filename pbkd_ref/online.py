@@ -442,7 +442,7 @@ class OnlineResult:
     values: np.ndarray  # (T,)
     thetas: np.ndarray  # (T, d)
     certificate_gaps: np.ndarray  # (T,)
-    statuses: list[str]
+    statuses: list[str]  # per round: "optimal" (certified), "local" (alternating fixed point), "uncertified: ..."
     policy: np.ndarray  # (H, S, A) the last student pi_T
     seconds: float
     solver_tol: float
@@ -627,7 +627,8 @@ def online_pbkd(mdp: MDP, pi_E, theta_star, T: int, rng: np.random.Generator, *,
                 choice = optimistic_student(mdp, v_E, cset, oracle="alternating", restarts=restarts, rng=oracle_rng,
                                             warm=previous_theta if warm_start else None)
             policy, values[i], thetas[i], gaps[i] = choice.policy, choice.value, choice.theta, choice.certificate_gap
-            statuses.append("optimal" if choice.certificate_gap <= tol else
+            exact = "optimal" if candidates is not None else "local"  # alternating: a fixed point, no certificate
+            statuses.append(exact if choice.certificate_gap <= tol else
                             f"uncertified: best-response gap {choice.certificate_gap:.3e} > tol {tol:.1e}")
             oracle_names.add(choice.oracle if candidates is not None else
                              f"alternating best response (local; {restarts} random restarts plus the "

@@ -211,7 +211,9 @@ def test_enumeration_oracle_is_exact_for_ball_and_singleton(seed, tree, H):
 
 
 def test_alternating_oracle_on_a_larger_token_tree():
-    """Too many deterministic policies to enumerate: auto falls back to the alternating oracle, a fixed point."""
+    """Too many deterministic policies to enumerate: auto falls back to the alternating oracle, a fixed point.
+    Its rounds are marked ``local``, never ``optimal``: a best-response fixed point certifies no global
+    maximum, and theory/regret.py counts every round not ``optimal`` as uncertified."""
     rng = np.random.default_rng(8)
     mdp = token_tree_mdp(3, 4, 3, rng)  # 3^(1+3+9+27) deterministic policies
     theta_star = np.array([1.0, -2.0, 0.5])
@@ -221,6 +223,7 @@ def test_alternating_oracle_on_a_larger_token_tree():
     result = online_pbkd(mdp, pi_E, theta_star, 5, np.random.default_rng(1), B=B, student="optimistic", restarts=3)
     assert result.oracle.startswith("alternating best response")
     assert result.max_certificate_gap <= 1e-7 and np.all(np.isfinite(result.cumulative_regret))
+    assert result.statuses == ["local"] * 5
 
 
 # ----------------------------------------------------------------------------- warm starts
