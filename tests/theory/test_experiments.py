@@ -169,6 +169,69 @@ def test_methods_recomputed(quick_runs):
         assert np.ptp(ball) <= 1e-9  # uses no data
 
 
+# ----------------------------------------------------------------------------- planted faults
+
+
+def _quick_record(module, tmp_path) -> dict:
+    """One quick run of `module` in this process (so that a monkeypatched fault reaches its jobs)."""
+    module.run(common.RunConfig(quick=True, out_dir=tmp_path, n_seeds=module.QUICK_SEEDS, progress=False, workers=1))
+    return json.loads((tmp_path / f"{module.NAME}.json").read_text())
+
+
+def _failed(record: dict) -> set[str]:
+    return {key for key, check in record["checks"].items() if check.get("passed") is False}
+
+
+def test_a_bracketing_radius_ten_times_too_small_fails_the_coverage_check(tmp_path, monkeypatch):
+    """zeta_N / 10 (2 to 3 here) lies below the (1 - delta) quantile of NLL(theta*) - NLL(theta_hat)
+    (about chi2_3(0.95) / 2 = 3.9), so theta* leaves C(D) in far more than delta of the seeds: the
+    coverage check must fail, and it alone."""
+    import pbkd_ref.confidence as confidence
+
+    honest = confidence.radius
+    def too_small(kind, **kw):
+        return honest(kind, **kw) / (10 if kind == "bracketing" else 1)
+
+    monkeypatch.setattr(confidence, "radius", too_small)
+    record = _quick_record(coverage, tmp_path)
+    assert _failed(record) == {"random/bracketing_coverage"}
+    assert record["checks"]["random/bracketing_coverage"]["min_frequency"] < 0.9
+
+
+def test_a_solver_that_returns_the_teachers_policy_fails_the_subopt_checks(tmp_path, monkeypatch):
+    """A student that copies its teacher (pi_E for estimand 1, the optimal pi* of estimand 2) has a
+    SubOpt_N that does not fall with N: the SubOpt slope check must fail, and so must the event
+    bound SubOpt_N <= w_N once the width has shrunk below J* - J(pi_E)."""
+    import dataclasses
+
+    import pbkd_ref.offline as offline
+
+    inst = common.config_instance(bound_vs_n.Config().quick(), "random")
+    honest = offline.offline_pbkd
+
+    def copies_the_teacher(mdp, prefs, **kw):
+        res = honest(mdp, prefs, **kw)
+        return dataclasses.replace(res, policy=inst.pi_E if kw["v_E"] is not None else inst.pi_star)
+
+    monkeypatch.setattr(offline, "offline_pbkd", copies_the_teacher)
+    record = _quick_record(bound_vs_n, tmp_path)
+    assert {"random/subopt_slope", "random/subopt_below_event_bound"} <= _failed(record)
+    subopt = np.asarray(record["results"]["random"]["subopt"]["per_seed"])
+    assert np.ptp(subopt) == pytest.approx(0.0, abs=1e-12)  # J* - J(pi_E) at every N and seed
+
+
+def test_an_online_student_that_ignores_its_data_fails_the_regret_checks(tmp_path, monkeypatch):
+    """Students that keep the data-free set C_0 = Ball(B, d) in every round: the optimistic one then
+    plays the policy farthest from the teacher and its regret grows linearly, so R_T / rate(T) grows
+    and its check must fail."""
+    import pbkd_ref.online as online
+    from pbkd_ref.confidence import Ball
+
+    monkeypatch.setattr(online, "_ball_if_inactive", lambda cset: Ball(cset.B, cset.d))
+    record = _quick_record(regret, tmp_path)
+    assert "optimistic/regret_over_rate_not_growing" in _failed(record), record["checks"]
+
+
 # ----------------------------------------------------------------------------- protocol helpers
 
 
