@@ -15,8 +15,24 @@ is built for each radius of `pbkd_ref.confidence.RADII`:
 
 The frequency of `theta* in C(D)` carries a Clopper-Pearson 95% interval. The statistic
 `2 (NLL(theta*) - NLL(theta_hat))` is recorded per seed and compared with its Wilks limit `chi2_d`.
-Check (issue 3, item 6): the bracketing radius covers theta* in at least a `1 - delta` fraction of
-seeds at every `N`.
+
+Coverage is also measured against `delta` over `Config.deltas` (0.5 down to 0.001) for every
+radius, from the statistic (`theta* in C(D)` iff `NLL(theta*) - NLL(theta_hat) <= zeta`, as
+`||theta*|| < B`), with Clopper-Pearson intervals and the ratio of each radius to the empirical
+`1 - delta` quantile of `NLL(theta*) - NLL(theta_hat)` (1 = exactly calibrated; the bracketing
+radius's ratio is its looseness).
+
+Checks:
+- `bracketing_coverage`: the bracketing radius covers theta* in at least a `1 - delta` fraction of
+  seeds at every `N` (Lemma 1; one-sided, it is a guarantee);
+- `bracketing_coverage_every_delta`: the same at every `delta` of the grid;
+- `chi2_wilks_calibration` (two-sided): at the largest `N` the Clopper-Pearson interval of the
+  chi2 radius's coverage contains `1 - delta` at every `delta` of the grid, each at level
+  `1 - 0.05 / len(deltas)` (Bonferroni, so that the check fails with probability <= 0.05 when the
+  Wilks calibration holds); a radius off by a factor of 2 either way fails it;
+- `membership_matches_statistic`: at the configured `delta`, `LikelihoodSet.contains` and the
+  statistic agree for every radius, seed and `N`, but within the MLE's certificate tolerance of
+  the boundary.
 """
 
 from __future__ import annotations
@@ -72,6 +88,7 @@ class Config:
     n_grid: int = 6
     seed_base: int = 20_000
     mle_tol: float = 1e-10
+    deltas: tuple = (0.5, 0.2, 0.1, 0.05, 0.01, 0.001)  # the coverage-against-delta grid
 
     def quick(self) -> "Config":
         return Config(**{**asdict(self), "families": ("random",), "N_min": 50, "N_max": 3200, "n_grid": 4})
@@ -94,6 +111,7 @@ def seed_job(job: tuple) -> dict:
     d = inst.mdp.d
     covered = {kind: np.zeros(len(grid), dtype=bool) for kind in RADII}
     zeta = {kind: np.zeros(len(grid)) for kind in RADII}
+    zeta_by_delta = {kind: np.zeros((len(cfg.deltas), len(grid))) for kind in RADII}
     statistic = np.zeros(len(grid))
     mle_gap = 0.0
     data = sample_preferences(inst.mdp, inst.pi_E, inst.pi_ref, inst.theta_star, int(grid[-1]),
@@ -110,7 +128,11 @@ def seed_job(job: tuple) -> dict:
             zeta[kind][j] = radius(kind, N=prefs.N, d=d, B=cfg.B, L_x=prefs.L_x, delta=cfg.delta, value=value)
             cset = LikelihoodSet(prefs, cfg.B, zeta[kind][j], theta_hat=fit.theta_hat)
             covered[kind][j] = cset.contains(inst.theta_star)
-    return {"covered": covered, "zeta": zeta, "statistic": statistic, "mle_gap": mle_gap,
+            for i, delta in enumerate(cfg.deltas):
+                zeta_by_delta[kind][i, j] = radius(kind, N=prefs.N, d=d, B=cfg.B, L_x=prefs.L_x, delta=delta,
+                                                   value=value)
+    return {"covered": covered, "zeta": zeta, "zeta_by_delta": zeta_by_delta, "statistic": statistic,
+            "mle_gap": mle_gap,
             "cpu_s": time.process_time() - start}
 
 
@@ -124,6 +146,7 @@ def run_family(cfg: Config, family: str, seeds: list[int], bar, workers: int) ->
         "grid": geometric_grid(cfg.N_min, cfg.N_max, cfg.n_grid),
         "covered": {kind: np.array([row["covered"][kind] for row in rows]) for kind in RADII},
         "zeta": {kind: np.array([row["zeta"][kind] for row in rows]) for kind in RADII},
+        "zeta_by_delta": {kind: np.array([row["zeta_by_delta"][kind] for row in rows]) for kind in RADII},
         "statistic": np.array([row["statistic"] for row in rows]),
         "mle_gap": max(row["mle_gap"] for row in rows),
         "cpu_s": float(sum(row["cpu_s"] for row in rows)),
@@ -157,7 +180,35 @@ def analyse_family(cfg: Config, raw: dict) -> tuple[dict, dict]:
         "chi2_quantile_1_minus_delta": float(chi2_distribution.ppf(1 - cfg.delta, d)),
         "chi2_mean": d,
     }
+    excess = stat / 2.0  # NLL(theta*) - NLL(theta_hat), (K, P)
+    deltas = np.asarray(cfg.deltas)
+    quantile = np.array([np.quantile(excess, 1 - delta, axis=0) for delta in deltas])  # (n_delta, P)
+    bonferroni = 1.0 - 0.05 / len(deltas)
+    by_delta = {}
+    for kind in RADII:
+        zd = raw["zeta_by_delta"][kind]  # (K, n_delta, P)
+        counts = (excess[:, None, :] <= zd).sum(axis=0)
+        K = zd.shape[0]
+        by_delta[kind] = {
+            "count": counts, "n": K, "frequency": counts / K,
+            "clopper_pearson_95": [[clopper_pearson(int(c), K) for c in row] for row in counts],
+            "clopper_pearson_bonferroni": [[clopper_pearson(int(c), K, bonferroni) for c in row] for row in counts],
+            "zeta_mean": zd.mean(axis=0),
+            "zeta_over_quantile": zd.mean(axis=0) / quantile,
+        }
+    results["coverage_against_delta"] = {
+        "deltas": deltas, "required": 1 - deltas, "bonferroni_level": bonferroni,
+        "excess_nll_quantile_1_minus_delta": quantile,
+        "definition": "theta* in C(D) iff NLL(theta*) - NLL(theta_hat) <= zeta(delta) (||theta*|| < B); "
+                      "zeta_over_quantile = mean zeta / empirical 1 - delta quantile of NLL(theta*) - NLL(theta_hat)",
+        "radii": by_delta,
+    }
     freq = results["radii"]["bracketing"]["frequency"]
+    wilks = np.asarray(by_delta["chi2"]["clopper_pearson_bonferroni"])[:, -1]  # (n_delta, 2) at the largest N
+    at = list(cfg.deltas).index(cfg.delta)
+    mismatch = {kind: (raw["covered"][kind] != (excess <= raw["zeta_by_delta"][kind][:, at, :]))
+                for kind in RADII}
+    near = {kind: np.abs(excess - raw["zeta_by_delta"][kind][:, at, :]) <= 1e-4 for kind in RADII}
     checks = {
         "bracketing_coverage": {
             "passed": bool(np.all(freq >= 1 - cfg.delta)),
@@ -166,7 +217,27 @@ def analyse_family(cfg: Config, raw: dict) -> tuple[dict, dict]:
             "clopper_pearson_95": results["radii"]["bracketing"]["clopper_pearson_95"],
             "required": 1 - cfg.delta,
             "min_frequency": float(freq.min()),
-        }
+        },
+        "bracketing_coverage_every_delta": {
+            "passed": bool(np.all(by_delta["bracketing"]["frequency"] >= (1 - deltas)[:, None])),
+            "what": "theta* in C(D) with the bracketing radius in >= 1 - delta of seeds, at every N and every delta "
+                    "of the grid (Lemma 1)",
+            "deltas": deltas, "min_frequency_minus_required": float(
+                (by_delta["bracketing"]["frequency"] - (1 - deltas)[:, None]).min()),
+        },
+        "chi2_wilks_calibration": {
+            "passed": bool(np.all((wilks[:, 0] <= 1 - deltas) & (1 - deltas <= wilks[:, 1]))),
+            "what": f"two-sided: at the largest N, the Clopper-Pearson interval (level {bonferroni:.4f}, Bonferroni "
+                    "over the deltas) of the chi2 radius's coverage contains 1 - delta at every delta of the grid",
+            "N": int(raw["grid"][-1]), "deltas": deltas, "frequency": by_delta["chi2"]["frequency"][:, -1],
+            "interval": wilks,
+        },
+        "membership_matches_statistic": {
+            "passed": bool(all(np.all(~mismatch[kind] | near[kind]) for kind in RADII)),
+            "what": "at the configured delta, LikelihoodSet.contains(theta*) equals NLL(theta*) - NLL(theta_hat) <= "
+                    "zeta for every radius, seed and N, but within 1e-4 nats (the MLE certificate tolerance) of it",
+            "mismatches": {kind: int(mismatch[kind].sum()) for kind in RADII},
+        },
     }
     return results, checks
 
@@ -174,7 +245,7 @@ def analyse_family(cfg: Config, raw: dict) -> tuple[dict, dict]:
 def plot(record: dict, path) -> None:
     plt = plt_module()
     families = list(record["results"])
-    fig, axes = plt.subplots(len(families), 2, figsize=(12, 4.2 * len(families)), squeeze=False)
+    fig, axes = plt.subplots(len(families), 3, figsize=(18, 4.2 * len(families)), squeeze=False)
     colors = {"bracketing": "C0", "chi2": "C1", "fixed": "C3"}
     delta = record["delta"]
     for row, family in enumerate(families):
@@ -212,6 +283,24 @@ def plot(record: dict, path) -> None:
         ax.set_ylabel("cumulative fraction of seeds")
         ax.set_title(f"{family}: likelihood-ratio statistic at the largest N")
         ax.legend(loc="lower right")
+        ax = axes[row, 2]
+        against = res["coverage_against_delta"]
+        deltas = np.asarray(against["deltas"], dtype=float)
+        K = res["radii"]["bracketing"]["n"]
+        for i, (kind, r) in enumerate(against["radii"].items()):
+            miss = 1.0 - np.asarray(r["frequency"])[:, -1]
+            ci = np.asarray(r["clopper_pearson_95"])[:, -1]  # (n_delta, 2) coverage interval
+            shift = deltas * (1.0 + 0.08 * (i - 1))
+            ax.errorbar(shift, miss, yerr=[miss - (1 - ci[:, 1]), (1 - ci[:, 0]) - miss], fmt="o-", ms=4, capsize=3,
+                        color=colors[kind], label=kind)
+        ax.plot(deltas, deltas, "k--", lw=1, label="miss rate = delta (calibrated)")
+        ax.set_xscale("log")
+        ax.set_yscale("symlog", linthresh=1.0 / K)
+        ax.set_ylim(0.0, 1.0)
+        ax.set_xlabel("delta")
+        ax.set_ylabel("fraction of seeds with theta* outside C(D)")
+        ax.set_title(f"{family}: miss rate against delta at N = {int(grid[-1])} (95% Clopper-Pearson)")
+        ax.legend(loc="upper left", fontsize=8)
     fig.suptitle(f"Coverage of theta* by C(D): delta = {delta}, B = {record['B']}, L_x = {record['L_x']}",
                  fontsize=11)
     save_figure(fig, path)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from scipy.stats import beta
+from scipy.stats import beta, chi2
 
 from theory import bound_vs_n, common, coverage, methods, regret
 
@@ -67,6 +67,14 @@ def test_json_protocol_record(quick_runs, name):
     assert record["runtime_s"] > 0
     png = (out_dir / f"{name}.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+
+
+def clopper_pearson_ok(k: int, n: int, p: float, level: float) -> bool:
+    """p lies in the exact two-sided binomial interval of k / n at `level`, from scipy's beta quantiles."""
+    alpha = 1 - level
+    lo = beta.ppf(alpha / 2, k, n - k + 1) if k > 0 else 0.0
+    hi = beta.ppf(1 - alpha / 2, k + 1, n - k) if k < n else 1.0
+    return bool(lo <= p <= hi)
 
 
 def _mean_band(entry, K, P):
@@ -130,6 +138,21 @@ def test_coverage_recomputed(quick_runs):
         # the bracketing radius is the largest: it covers whenever chi2 does
         assert np.all(np.asarray(res["radii"]["bracketing"]["covered_per_seed"])
                       >= np.asarray(res["radii"]["chi2"]["covered_per_seed"]))
+        # coverage against delta of the chi2 radius, from the per-seed statistic and scipy's quantiles
+        excess = np.asarray(res["likelihood_ratio_statistic"]["per_seed"]) / 2
+        against = res["coverage_against_delta"]
+        d = record["instances"][family]["d"]
+        for i, dl in enumerate(against["deltas"]):
+            expected = (excess <= chi2.ppf(1 - dl, d) / 2).mean(axis=0)
+            np.testing.assert_allclose(against["radii"]["chi2"]["frequency"][i], expected)
+            np.testing.assert_allclose(against["excess_nll_quantile_1_minus_delta"][i],
+                                       np.quantile(excess, 1 - dl, axis=0))
+        wilks = record["checks"][f"{family}/chi2_wilks_calibration"]
+        K = excess.shape[0]
+        level = 1 - 0.05 / len(against["deltas"])
+        inside = [clopper_pearson_ok(int(round(f * K)), K, 1 - dl, level)
+                  for f, dl in zip(wilks["frequency"], against["deltas"])]
+        assert wilks["passed"] is all(inside)
 
 
 def test_regret_recomputed(quick_runs):
@@ -185,7 +208,7 @@ def _failed(record: dict) -> set[str]:
 def test_a_bracketing_radius_ten_times_too_small_fails_the_coverage_check(tmp_path, monkeypatch):
     """zeta_N / 10 (2 to 3 here) lies below the (1 - delta) quantile of NLL(theta*) - NLL(theta_hat)
     (about chi2_3(0.95) / 2 = 3.9), so theta* leaves C(D) in far more than delta of the seeds: the
-    coverage check must fail, and it alone."""
+    coverage checks must fail, and they alone."""
     import pbkd_ref.confidence as confidence
 
     honest = confidence.radius
@@ -194,8 +217,25 @@ def test_a_bracketing_radius_ten_times_too_small_fails_the_coverage_check(tmp_pa
 
     monkeypatch.setattr(confidence, "radius", too_small)
     record = _quick_record(coverage, tmp_path)
-    assert _failed(record) == {"random/bracketing_coverage"}
+    assert _failed(record) == {"random/bracketing_coverage", "random/bracketing_coverage_every_delta"}
     assert record["checks"]["random/bracketing_coverage"]["min_frequency"] < 0.9
+
+
+@pytest.mark.parametrize("factor", [0.5, 2.0])
+def test_a_chi2_radius_off_by_a_factor_of_two_fails_the_two_sided_wilks_check(tmp_path, monkeypatch, factor):
+    """The Wilks check is two-sided: a chi2 radius half or twice its calibrated value moves the
+    coverage far from 1 - delta at some delta of the grid (about 0.49 instead of 0.8 at delta =
+    0.2, or 0.98 instead of 0.5 at delta = 0.5), outside even the Bonferroni-widened intervals of
+    the quick run's 40 seeds. The one-sided bracketing checks stay passed."""
+    import pbkd_ref.confidence as confidence
+
+    honest = confidence.radius
+
+    def miscalibrated(kind, **kw):
+        return honest(kind, **kw) * (factor if kind == "chi2" else 1)
+
+    monkeypatch.setattr(confidence, "radius", miscalibrated)
+    assert _failed(_quick_record(coverage, tmp_path)) == {"random/chi2_wilks_calibration"}
 
 
 def test_a_solver_that_returns_the_teachers_policy_fails_the_subopt_checks(tmp_path, monkeypatch):
