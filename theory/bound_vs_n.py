@@ -59,6 +59,7 @@ from theory.common import (
     tidy_log_axes,
     seed_list,
     slope_check,
+    two_sided_slope_check,
 )
 
 NAME = "bound_vs_n"
@@ -87,15 +88,15 @@ class Config:
     delta: float = 0.05
     lam: float = 1.0  # ridge of Definition 1 and Lemma 2
     N_min: int = 1000
-    N_max: int = 64_000
-    n_grid: int = 7
+    N_max: int = 1_024_000  # past the N where the population bound drops below J* - J_E (64,000 to 128,000)
+    n_grid: int = 11
     seed_base: int = 10_000
     n_boot: int = 2000
     tol: float = 1e-7  # certificate tolerance of the min-max solver
     method: str = "cutting_plane"
 
     def quick(self) -> "Config":
-        return Config(**{**asdict(self), "families": ("random",), "N_min": 2000, "N_max": 16_000, "n_grid": 4,
+        return Config(**{**asdict(self), "families": ("random",), "N_min": 2000, "N_max": 32_000, "n_grid": 4,
                          "n_boot": 500})
 
     @property
@@ -103,7 +104,7 @@ class Config:
         return 2.0 * self.L
 
 
-_PER_SEED = ("subopt", "width", "C_N", "bound_design", "covered", "L_x_observed", "zeta")
+_PER_SEED = ("subopt", "width", "width_chi2", "C_N", "bound_design", "covered", "L_x_observed", "zeta")
 _PER_SEED_TEACHER = ("teacher_gap", "teacher_event_bound", "teacher_covered", "v_E_error")
 
 
@@ -113,6 +114,7 @@ def seed_job(job: tuple) -> dict:
     Two independent pair streams: teacher pi_E (estimands 1 and 3) and pi* (estimand 2); the data
     at N are the first N pairs of each stream.
     """
+    from pbkd_ref.confidence import LikelihoodSet, radius
     from pbkd_ref.mdp import feature_expectation
     from pbkd_ref.offline import offline_pbkd
     from pbkd_ref.preferences import sample_preferences
@@ -143,6 +145,12 @@ def seed_job(job: tuple) -> dict:
         support = res.cset.support_certified(-u)
         gaps.add(support.gap, "optimal")
         out["width"][j] = support.upper - float(inst.theta_star @ (-u))  # certified upper end of sigma_C
+        # the same width under the constant chi2 radius (Wilks): its rate is exactly N^(-1/2)
+        chi2_set = LikelihoodSet(res.cset.prefs, cfg.B, radius("chi2", N=N, d=d, B=cfg.B, L_x=cfg.L_x,
+                                                              delta=cfg.delta), theta_hat=res.cset.theta_hat)
+        support_chi2 = chi2_set.support_certified(-u)
+        gaps.add(support_chi2.gap, "optimal")
+        out["width_chi2"][j] = support_chi2.upper - float(inst.theta_star @ (-u))
         out["covered"][j] = res.cset.contains(inst.theta_star)
         out["C_N"][j] = sample_coefficient(u, res.cset.prefs, lam=cfg.lam)
         out["bound_design"][j] = bounds.offline_bound(N, concentrability=out["C_N"][j], **kw)
@@ -195,35 +203,79 @@ def run_family(cfg: Config, family: str, seeds: list[int], gaps: GapTracker, bar
             "local_slope_teacher_bound": local_teacher}
 
 
+def trivial_bounds(inst, B: float) -> dict:
+    """What bounds each estimand without Theorem 1, per instance: a bound above it says nothing.
+
+    - SubOpt_N <= J* - J(pi_E) on the event theta* in C: the pessimistic student's return is at
+      least min_{theta in C} theta^T (v_pi_hat - v_E) + J(pi_E) >= J(pi_E), since the teacher's own
+      occupancy is feasible (a student that copies the teacher attains it);
+    - the black-box teacher gap (teacher pi*) <= J* - min_pi J(pi);
+    - the width w_N(u) <= max_{||theta|| <= B} (theta - theta*)^T u <= 2 B ||u||."""
+    from pbkd_ref.mdp import plan, rewards, value
+
+    worst, _ = plan(inst.mdp, rewards(inst.mdp, -np.asarray(inst.theta_star)))
+    J_star, J_E = inst.J(inst.v_star), inst.J(inst.v_E)
+    u_norm = float(np.linalg.norm(np.asarray(inst.v_star) - np.asarray(inst.v_E)))
+    return {
+        "subopt": {"value": J_star - J_E, "what": "J* - J(pi_E): the teacher's level (pessimism never does worse)"},
+        "teacher_gap": {"value": J_star - value(inst.mdp, worst, inst.theta_star), "what": "J* - min_pi J(pi)"},
+        "width": {"value": 2 * B * u_norm, "what": "2 B ||v* - v_E||: the width of the ball"},
+    }
+
+
 def analyse_family(cfg: Config, raw: dict, rng: np.random.Generator) -> tuple[dict, dict, list[str]]:
     """Bands, slopes and checks of one family."""
     grid = raw["grid"]
+    trivial = trivial_bounds(raw["instance"], cfg.B)
     cap = cfg.B * cfg.L_x
     notes: list[str] = []
     uncapped = raw["bound_population"] < cap
     uncapped_teacher = raw["bound_teacher"] < cap
     why = "the population bound curve is below its trivial cap B L_x (elsewhere it is flat and has no rate)"
+    informative_width = raw["bound_population"] < trivial["width"]["value"]
     estimands = {
-        "subopt": ("SubOpt_N (estimand 1)", raw["bound_population"], uncapped),
-        "teacher_gap": ("black-box teacher gap (estimand 2)", raw["bound_teacher"], uncapped_teacher),
-        "width": ("confidence width w_N(v_E - v*) (estimand 3)", raw["bound_population"], uncapped),
+        "subopt": ("SubOpt_N (estimand 1)", raw["bound_population"], uncapped, why),
+        "teacher_gap": ("black-box teacher gap (estimand 2)", raw["bound_teacher"], uncapped_teacher, why),
+        "width": ("confidence width w_N(v_E - v*) (estimand 3)", raw["bound_population"], informative_width,
+                  "the population bound is below the width's trivial bound 2 B ||u||"),
     }
     has_teacher_gap = "teacher_gap" in raw
     if not has_teacher_gap:
         del estimands["teacher_gap"]
     results, checks = {}, {}
-    for key, (label, bound_curve, restrict) in estimands.items():
+    for key, (label, bound_curve, restrict, reason) in estimands.items():
         values = raw[key]
         mean, lo, hi = bootstrap_band(values, rng=rng, n_boot=cfg.n_boot)
-        fit = fit_loglog_slope(grid, values, rng=rng, n_boot=cfg.n_boot, restrict=restrict, restrict_reason=why)
+        fit = fit_loglog_slope(grid, values, rng=rng, n_boot=cfg.n_boot, restrict=restrict, restrict_reason=reason)
         bound_slope = curve_slope(grid, bound_curve, np.asarray(fit.used)) if fit.slope is not None else None
         results[key] = {"label": label, "per_seed": values, "mean": mean, "band_lo": lo, "band_hi": hi,
                         "fraction_zero": (values == 0).mean(axis=0), "fit": fit, "bound_curve": bound_curve,
-                        "bound_curve_slope_on_fit_points": bound_slope}
+                        "bound_curve_slope_on_fit_points": bound_slope, "trivial_bound": trivial[key],
+                        "bound_below_trivial": bound_curve < trivial[key]["value"],
+                        "n_bound_below_trivial": int((bound_curve < trivial[key]["value"]).sum()),
+                        "measured_over_bound": mean / bound_curve}
         checks[f"{key}_slope"] = slope_check(fit, bound_slope if bound_slope is not None else float("nan"),
                                              what=f"{label}: fitted slope CI upper <= bound-curve slope + 0.05")
         if fit.slope is None:
             notes.append(f"{label}: {fit.reason}")
+    # Two-sided checks on the width, where its bound is informative: the bound and the width share
+    # sqrt(zeta_N / N), so their ratio is flat; under the constant chi2 radius the width is exactly
+    # of order N^(-1/2).
+    reason = "the population bound is below the width's trivial bound 2 B ||u||"
+    ratio = raw["width"] / raw["bound_population"]
+    ratio_fit = fit_loglog_slope(grid, ratio, rng=rng, n_boot=cfg.n_boot, restrict=informative_width,
+                                 restrict_reason=reason)
+    r_mean, r_lo, r_hi = bootstrap_band(ratio, rng=rng, n_boot=cfg.n_boot)
+    results["width_over_bound"] = {"per_seed": ratio, "mean": r_mean, "band_lo": r_lo, "band_hi": r_hi, "fit": ratio_fit}
+    checks["width_over_bound_flat"] = two_sided_slope_check(
+        ratio_fit, 0.0, what="w_N(u) / Theorem 1.3 bound (C_pop) is flat: its log-log slope CI contains 0")
+    chi2_fit = fit_loglog_slope(grid, raw["width_chi2"], rng=rng, n_boot=cfg.n_boot, restrict=informative_width,
+                                restrict_reason=reason)
+    c_mean, c_lo, c_hi = bootstrap_band(raw["width_chi2"], rng=rng, n_boot=cfg.n_boot)
+    results["width_chi2"] = {"label": "width under the chi2 radius", "per_seed": raw["width_chi2"], "mean": c_mean,
+                             "band_lo": c_lo, "band_hi": c_hi, "fit": chi2_fit}
+    checks["width_chi2_slope_minus_one_half"] = two_sided_slope_check(
+        chi2_fit, -0.5, what="w_N(u) under the constant chi2 radius has slope -1/2: its CI contains -0.5")
     design_band = bootstrap_band(raw["bound_design"], rng=rng, n_boot=cfg.n_boot)
     results["bound_design"] = {"per_seed": raw["bound_design"], "mean": design_band[0], "band_lo": design_band[1],
                                "band_hi": design_band[2]}
@@ -311,6 +363,14 @@ def plot(record: dict, path) -> None:
                 if key == "subopt":
                     w = np.asarray(res["width"]["mean"])
                     ax.plot(grid[w > 0], w[w > 0], ":", color="C2", label="event bound $w_N(v_E - v^*)$")
+            trivial = r["trivial_bound"]
+            ax.axhline(trivial["value"], color="C7", ls="-.", lw=1,
+                       label=f"trivial bound {trivial['value']:.3f} ({trivial['what'].split(':')[0]})")
+            if key == "width":
+                wc = res["width_chi2"]
+                ax.plot(grid, wc["mean"], color="C1", lw=1, marker=".",
+                        label=f"width, chi2 radius (slope {wc['fit']['slope']:.2f})" if wc["fit"]["slope"] is not None
+                        else "width, chi2 radius")
             fit = r["fit"]
             if fit["slope"] is not None:
                 used = np.asarray(fit["used"], dtype=bool)

@@ -255,6 +255,15 @@ def slope_check(fit: SlopeFit, bound_slope: float, *, what: str) -> dict:
     }
 
 
+def two_sided_slope_check(fit: SlopeFit, target: float, *, what: str) -> dict:
+    """A rate the theory pins down exactly: the fitted slope's CI contains ``target`` (so a rate off
+    either way fails, unlike :func:`slope_check`)."""
+    if fit.slope is None:
+        return {"passed": None, "what": what, "target": target, "reason": "slope not measurable: " + fit.reason}
+    return {"passed": bool(fit.ci[0] <= target <= fit.ci[1]), "what": what, "fitted_slope": fit.slope,
+            "ci": list(fit.ci), "target": target, "n_used": fit.n_used}
+
+
 def below_bound_check(measured, bound, *, delta: float, what: str) -> dict:
     """Issue 3 item 6: at every grid point the measured estimand is <= its bound in at least a
     1 - delta fraction of seeds.  `bound` has the shape of `measured` (per-seed bound) or one entry

@@ -115,6 +115,23 @@ def test_bound_vs_n_recomputed(quick_runs):
             assert fit["ci"][1] <= res[key]["bound_curve_slope_on_fit_points"] + common.SLOPE_TOLERANCE
         assert np.all(np.asarray(res["coverage"]) >= 1 - delta)
         assert res["width_cap"]["cap_valid_for_width"]  # the calculator's B L_x cap bounds w_N(u) here
+        # trivial bounds from the instance record: the teacher's level and the ball's width
+        inst = record["instances"][family]
+        assert res["subopt"]["trivial_bound"]["value"] == pytest.approx(inst["J_star"] - inst["J_teacher"], abs=1e-12)
+        assert res["width"]["trivial_bound"]["value"] == pytest.approx(2 * record["B"] * inst["v_star_minus_v_E_norm"],
+                                                                     abs=1e-12)
+        assert np.all(subopt <= res["subopt"]["trivial_bound"]["value"] + 1e-9)  # pessimism never below the teacher
+        assert np.all(width <= res["width"]["trivial_bound"]["value"] + 1e-9)
+        assert res["width"]["n_bound_below_trivial"] == int(
+            (np.asarray(res["bound_population"]) < res["width"]["trivial_bound"]["value"]).sum()) >= 3
+        # the two-sided checks, from the per-seed widths
+        ratio = width / np.asarray(res["bound_population"])
+        np.testing.assert_allclose(res["width_over_bound"]["per_seed"], ratio, rtol=1e-12)
+        for name, target in (("width_over_bound_flat", 0.0), ("width_chi2_slope_minus_one_half", -0.5)):
+            check = record["checks"][f"{family}/{name}"]
+            assert check["passed"] is (check["ci"][0] <= target <= check["ci"][1])
+        chi2_width = np.asarray(res["width_chi2"]["per_seed"])
+        assert np.all(chi2_width <= width + 1e-9)  # the chi2 radius is smaller, so its set is inside
 
 
 def common_gamma(record):
