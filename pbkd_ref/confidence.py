@@ -695,3 +695,133 @@ def confidence_set(prefs: Preferences, B, *, kind, delta, value=None) -> Likelih
     prefs = _check_prefs(prefs)
     zeta = radius(kind, N=prefs.N, d=prefs.d, B=B, L_x=prefs.L_x, delta=delta, value=value)
     return LikelihoodSet(prefs, B, zeta)
+
+
+# ----------------------------------------------------------------------------- ellipsoid set
+
+
+class EllipsoidSet:
+    """``E = {||theta - c||_M^2 <= r2, ||theta|| <= B}``: the Zhu-Jordan-Jiao (2023) pessimistic-MLE set.
+
+    ``from_likelihood(C, lam)`` builds it around the MLE with ``M = X^T diag(n) X + lam I`` and
+    ``r2 = 2 zeta / gamma + 4 lam B^2`` (Lemma 2: ``||theta - theta_hat||_G^2 <= 2 zeta / gamma`` on
+    ``C`` and ``||theta - theta_hat||^2 <= 4 B^2`` on the ball), so ``E`` contains ``C``: it covers
+    ``theta*`` whenever ``C`` does, and is wider. The ridge keeps ``M`` positive definite when the
+    differences do not span ``R^d``.
+
+    ``support`` is certified: the value is the Lagrangian dual bound at multipliers
+    ``(alpha, beta)`` of the two constraints, the returned ``theta`` is feasible, and the two are
+    within ``rtol B ||v||`` (exactly equal when one constraint alone binds).
+    """
+
+    def __init__(self, center, M, radius2, B):
+        self.B = _check_radius(B)
+        self.center = _as_float_array(center, "center", 1).copy()
+        self.d = int(self.center.size)
+        M = _as_float_array(M, "M", 2)
+        if M.shape != (self.d, self.d) or not np.allclose(M, M.T, rtol=1e-10, atol=1e-12):
+            raise ValueError(f"M must be a symmetric ({self.d}, {self.d}) matrix; got shape {M.shape}")
+        eig, U = np.linalg.eigh(0.5 * (M + M.T))
+        if eig.min() <= 0:
+            raise ValueError(f"M must be positive definite (smallest eigenvalue {eig.min():.3g}); add a ridge lam > 0")
+        self.M, self._eig, self._U = 0.5 * (M + M.T), eig, U
+        self.radius2 = _check_real(radius2, "radius2", low=0.0)
+        if np.linalg.norm(self.center) > self.B * (1.0 + 1e-9):
+            raise ValueError(f"center must lie in the ball ||theta|| <= B = {self.B}")
+
+    @classmethod
+    def from_likelihood(cls, cset: LikelihoodSet, lam: float) -> "EllipsoidSet":
+        lam = _check_real(lam, "lam", low=0.0, low_open=True)
+        radius2 = np.inf if cset.gamma == 0.0 else 2.0 * cset.zeta / cset.gamma + 4.0 * lam * cset.B**2
+        return cls(cset.theta_hat, cset._G + lam * np.eye(cset.d), radius2, cset.B)
+
+    def _quad(self, theta) -> float:
+        z = theta - self.center
+        return float(z @ self.M @ z)
+
+    def contains(self, theta, tol: float = 1e-9) -> bool:
+        theta = _check_direction(theta, self.d)
+        tol = _check_tol(tol)
+        return bool(np.linalg.norm(theta) <= self.B * (1.0 + tol)
+                    and self._quad(theta) <= self.radius2 + tol * max(1.0, self.radius2))
+
+    def cvxpy_constraints(self, theta_var) -> list:
+        import cvxpy as cp
+
+        root = self._U @ np.diag(np.sqrt(self._eig)) @ self._U.T  # M^(1/2)
+        return [cp.norm(theta_var, 2) <= self.B,
+                cp.norm(root @ (theta_var - self.center), 2) <= float(np.sqrt(self.radius2))]
+
+    def _shrunk(self, theta) -> np.ndarray:
+        """The point of the segment from the centre (inside E) to ``theta`` furthest along it within E."""
+        z = theta - self.center
+        t = 1.0
+        q = self._quad(theta)
+        if q > self.radius2:
+            t = min(t, float(np.sqrt(self.radius2 / q)))
+        a, b, c = z @ z, 2 * self.center @ z, self.center @ self.center - self.B**2  # ||c + t z||^2 = B^2
+        if a > 0 and a * t * t + b * t + c > 0:
+            t = min(t, float((-b + np.sqrt(max(b * b - 4 * a * c, 0.0))) / (2 * a)))
+        return self.center + (1.0 - 1e-12) * t * z
+
+    def support(self, v, warm=None) -> tuple[float, np.ndarray]:
+        result = self.support_certified(v)
+        return result.value, result.theta
+
+    def support_certified(self, v, *, rtol: float = 1e-10) -> SupportResult:
+        """``sigma_E(v)``: the closed form when one constraint alone binds, else the dual in ``(alpha, beta)``."""
+        from scipy.optimize import minimize
+
+        v = _check_direction(v, self.d)
+        norm_v = float(np.linalg.norm(v))
+        if norm_v == 0.0:
+            return SupportResult(0.0, self.center.copy(), 0.0, 0.0, 0.0, 0.0, 0, "zero direction")
+        Mv = self._U @ ((self._U.T @ v) / self._eig)  # M^-1 v
+        scale = float(np.sqrt(v @ Mv))
+        theta_e = self.center + np.sqrt(self.radius2) * Mv / scale if np.isfinite(self.radius2) else None
+        if theta_e is not None and np.linalg.norm(theta_e) <= self.B:  # the ellipsoid alone binds
+            value = float(v @ theta_e)
+            return SupportResult(value, theta_e, value, value, 0.0, 0.0, 0, "ellipsoid")
+        theta_b = self.B * v / norm_v
+        if self._quad(theta_b) <= self.radius2:  # the ball alone binds
+            value = self.B * norm_v
+            return SupportResult(value, theta_b, value, value, 0.0, 0.0, 0, "ball")
+        Uv, Uc = self._U.T @ v, self._U.T @ (self.M @ self.center)
+
+        def primal(alpha, beta):  # argmax_theta of the Lagrangian: (alpha M + beta I) theta = v / 2 + alpha M c
+            return self._U @ ((0.5 * Uv + alpha * Uc) / (alpha * self._eig + beta))
+
+        def dual(x):  # q(alpha, beta) and its gradient (-g1, -g2) by the envelope theorem
+            alpha, beta = x
+            theta = primal(alpha, beta)
+            g1, g2 = self._quad(theta) - self.radius2, float(theta @ theta) - self.B**2
+            return float(v @ theta) - alpha * g1 - beta * g2, np.array([-g1, -g2])
+
+        def hessian(alpha, beta):  # of q: -d(g1, g2)/d(alpha, beta), with d theta from the stationarity system
+            theta = primal(alpha, beta)
+            inv = self._U @ np.diag(1.0 / (alpha * self._eig + beta)) @ self._U.T
+            d_alpha, d_beta = inv @ (self.M @ (self.center - theta)), -inv @ theta
+            grad_g1, grad_g2 = 2 * self.M @ (theta - self.center), 2 * theta
+            return -np.array([[grad_g1 @ d_alpha, grad_g1 @ d_beta], [grad_g2 @ d_alpha, grad_g2 @ d_beta]])
+
+        # Both constraints bind: L-BFGS-B to the neighbourhood, then damped Newton on the convex dual.
+        x0 = np.array([norm_v / (2 * np.sqrt(self.radius2) * np.sqrt(self._eig.max())), norm_v / (2 * self.B)])
+        x = minimize(dual, x0, jac=True, method="L-BFGS-B", bounds=[(1e-14, None), (0.0, None)],
+                     options={"ftol": 1e-15, "gtol": 1e-13, "maxiter": 2000}).x
+        target = rtol * self.B * norm_v
+        for steps in range(60):
+            upper, grad = dual(x)
+            theta = self._shrunk(primal(*x))
+            lower = float(v @ theta)
+            if upper - lower <= target:
+                return SupportResult(upper, theta, lower, upper, float(x[0]), float(x[1]), steps, "dual")
+            step = np.linalg.solve(hessian(*x) + 1e-300 * np.eye(2), grad)
+            t = 1.0
+            # merit: the constraint residuals (the dual's gradient), which Newton drives to 0
+            while t > 1e-12 and (np.any(x - t * step <= 0)
+                                 or np.linalg.norm(dual(x - t * step)[1]) >= np.linalg.norm(grad)):
+                t *= 0.5
+            if t <= 1e-12:
+                break
+            x = x - t * step
+        raise SupportNotConverged(f"ellipsoid support: gap {upper - lower:.3e} > {target:.3e} after Newton")

@@ -12,6 +12,7 @@ from scipy.stats import chi2
 from pbkd_ref.confidence import (
     RADII,
     Ball,
+    EllipsoidSet,
     LikelihoodSet,
     Singleton,
     anytime_radius,
@@ -130,6 +131,38 @@ def test_support_function_agrees_with_cvxpy(seed, M, d, B, zeta):
     reference, status = cvxpy_support(cset, v)
     assert status == "optimal"
     assert value == pytest.approx(reference, abs=1e-6 * max(1.0, B * np.linalg.norm(v)))
+
+
+@settings(max_examples=40, deadline=None)
+@given(**set_args, lam=st.sampled_from([1e-3, 1.0]))
+def test_ellipsoid_set_contains_the_likelihood_set_and_its_support_agrees_with_cvxpy(seed, M, d, B, zeta,
+                                                                                       separable, lam):
+    """The Zhu-Jordan-Jiao set built from C(D) (Lemma 2 plus the ridge) holds every point of C(D), so
+    its support function lies above C's; sigma_E(v) is certified (feasible theta, dual bound within
+    1e-10 B ||v||) and equals the conic optimum of its cvxpy constraints. A radius 20 times too
+    small, or an ellipsoid centred at 0 instead of theta_hat, loses points of C here (dropping the
+    ridge's 4 lam B^2 alone is not caught: Lemma 2's gamma is loose enough to absorb it)."""
+    cset, rng = bt_set(seed, M, d, B, zeta, separable=separable)
+    E = EllipsoidSet.from_likelihood(cset, lam)
+    cloud = rng.normal(size=(400, d))
+    cloud *= B * rng.random((400, 1)) ** (1 / d) / np.linalg.norm(cloud, axis=1, keepdims=True)
+    inside = [theta for theta in cloud if cset.contains(theta, tol=0.0)]
+    for v in rng.normal(size=(3, d)):
+        result = E.support_certified(v)
+        assert_certified(E, v, result)
+        assert result.value >= cset.support(v)[0] - 1e-9 * (1 + B * np.linalg.norm(v))
+        reference, status = cvxpy_support(E, v)
+        assert status in ("optimal", "optimal_inaccurate")  # M = G + lam I can be ill-conditioned: the value decides
+        assert result.value == pytest.approx(reference, abs=1e-6 * max(1.0, B * np.linalg.norm(v)))
+        inside.append(cset.support(v)[1])
+    assert all(E.contains(theta) for theta in inside)
+
+
+def test_ellipsoid_set_refuses_a_singular_matrix_and_a_centre_outside_the_ball():
+    with pytest.raises(ValueError, match="positive definite"):
+        EllipsoidSet(np.zeros(2), np.diag([1.0, 0.0]), 1.0, 1.0)
+    with pytest.raises(ValueError, match="ball"):
+        EllipsoidSet(np.array([2.0, 0.0]), np.eye(2), 1.0, 1.0)
 
 
 def test_support_function_one_dimensional_brute_force():
