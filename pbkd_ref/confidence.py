@@ -769,13 +769,23 @@ class EllipsoidSet:
         return result.value, result.theta
 
     def support_certified(self, v, *, rtol: float = 1e-10) -> SupportResult:
-        """``sigma_E(v)``: the closed form when one constraint alone binds, else the dual in ``(alpha, beta)``."""
-        from scipy.optimize import minimize
-
+        """``sigma_E(v)``: the closed form when one constraint alone binds, else the dual in ``(alpha, beta)``.
+        Solved for ``v / ||v||`` and scaled (``sigma_E`` is positively homogeneous), so that a tiny
+        ``v`` from a converging cutting plane is as well conditioned as any other."""
         v = _check_direction(v, self.d)
         norm_v = float(np.linalg.norm(v))
         if norm_v == 0.0:
             return SupportResult(0.0, self.center.copy(), 0.0, 0.0, 0.0, 0.0, 0, "zero direction")
+        unit = self._unit_support(v / norm_v, rtol)
+        lower = float(v @ unit.theta)
+        upper = max(unit.upper * norm_v, lower)  # equal in exact arithmetic when one constraint binds
+        return SupportResult(upper, unit.theta, lower, upper, unit.lam * norm_v, unit.nu * norm_v, unit.passes,
+                             unit.method)
+
+    def _unit_support(self, v: np.ndarray, rtol: float) -> SupportResult:
+        from scipy.optimize import minimize
+
+        norm_v = 1.0
         Mv = self._U @ ((self._U.T @ v) / self._eig)  # M^-1 v
         scale = float(np.sqrt(v @ Mv))
         theta_e = self.center + np.sqrt(self.radius2) * Mv / scale if np.isfinite(self.radius2) else None

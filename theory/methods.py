@@ -18,7 +18,11 @@ section 5. For each family (fixed instance) and seed, one stream of labelled tra
 - `behaviour_cloning`: empirical conditional action frequencies of the `N` teacher trajectories;
 - `ball_moment_matching`: the min-max over the whole `B`-ball with the exact `v_E` (no preferences,
   independent of `N`) and `ball_moment_matching_black_box` with `v_hat_E`;
-- `mle_plugin`: `argmax_pi J(pi, theta_hat)`.
+- `mle_plugin`: `argmax_pi J(pi, theta_hat)`;
+- `zjj_pessimistic_mle`: the Zhu-Jordan-Jiao (2023) pessimistic MLE, the same min-max with the
+  exact `v_E` over the ellipsoid `{||theta - theta_hat||^2_{X^T X + lam I} <= 2 zeta / gamma + 4 lam B^2}`
+  intersected with the ball (`pbkd_ref.confidence.EllipsoidSet.from_likelihood`), which contains
+  `C(D)`: a wider set through the same support-function interface.
 
 Measured per method: `SubOpt = J(pi*, theta*) - J(pi, theta*)` and the teacher gap
 `J(pi_E, theta*) - J(pi, theta*)` (negative: the student beats the teacher). All sets use the
@@ -64,6 +68,7 @@ METHODS = (
     "ball_moment_matching",
     "ball_moment_matching_black_box",
     "mle_plugin",
+    "zjj_pessimistic_mle",
 )
 LABELS = {
     "pbkd_white_box": "PbKD, white-box v_E",
@@ -74,6 +79,7 @@ LABELS = {
     "ball_moment_matching": "ball moment matching, v_E",
     "ball_moment_matching_black_box": "ball moment matching, v_hat_E",
     "mle_plugin": "MLE plug-in",
+    "zjj_pessimistic_mle": "pessimistic MLE, ellipsoid (Zhu-Jordan-Jiao)",
 }
 
 
@@ -134,10 +140,12 @@ def _prefix_pairs(pairs, N: int):
 
 def seed_job(job: tuple) -> dict:
     """Every method on the first N pairs of one stream, for each N of the grid (a worker-process job)."""
+    from pbkd_ref.confidence import EllipsoidSet
     from pbkd_ref.mdp import feature_expectation
     from pbkd_ref.mm_pbkd import mm_pbkd
     from pbkd_ref.preferences import sample_trajectory_pairs
     from pbkd_ref.offline import ball_moment_matching, behaviour_cloning, mle_plugin, offline_pbkd
+    from pbkd_ref.solvers import solve
     from theory.concentrability import sample_coefficient
 
     cfg, family, seed = job
@@ -151,6 +159,7 @@ def seed_job(job: tuple) -> dict:
     J = {name: np.zeros(len(grid)) for name in METHODS}
     value_pbkd = np.zeros(len(grid))
     value_mm = np.zeros(len(grid))
+    value_zjj = np.zeros(len(grid))
     covered = np.zeros(len(grid), dtype=bool)
     bound_design = np.zeros(len(grid))
     max_gap, n_solves = 0.0, 0
@@ -165,7 +174,8 @@ def seed_job(job: tuple) -> dict:
         mm = {name: mm_pbkd(mdp, inst.pi_E, psi, pairs, B_f=cfg.B, delta=cfg.delta, tol=cfg.tol)
               for name, psi in psis.items()}
         ball_black = ball_moment_matching(mdp, black.v_E, cfg.B, tol=cfg.tol)
-        for solved in (white.minmax, black.minmax, ball_black, *(m.minmax for m in mm.values())):
+        zjj = solve(mdp, inst.v_E, EllipsoidSet.from_likelihood(white.cset, cfg.lam), tol=cfg.tol)
+        for solved in (white.minmax, black.minmax, ball_black, zjj, *(m.minmax for m in mm.values())):
             max_gap, n_solves = max(max_gap, solved.certificate_gap), n_solves + 1
         policies = {
             "pbkd_white_box": white.policy,
@@ -176,16 +186,18 @@ def seed_job(job: tuple) -> dict:
             "ball_moment_matching": ball.policy,
             "ball_moment_matching_black_box": ball_black.policy,
             "mle_plugin": mle_plugin(mdp, white.theta_hat),
+            "zjj_pessimistic_mle": zjj.policy,
         }
         for name, policy in policies.items():
             J[name][j] = inst.J(feature_expectation(mdp, policy))
         value_pbkd[j] = white.minmax.value
         value_mm[j] = mm["mm_pbkd_successor"].minmax.value
+        value_zjj[j] = zjj.value
         covered[j] = white.cset.contains(inst.theta_star)
         C_N = sample_coefficient(u, white.cset.prefs, lam=cfg.lam)
         bound_design[j] = bounds.offline_bound(N, d=mdp.d, B=cfg.B, L_x=cfg.L_x, delta=cfg.delta,
                                                concentrability=C_N, lam=cfg.lam)
-    return {"J": J, "value_pbkd": value_pbkd, "value_mm": value_mm, "covered": covered,
+    return {"J": J, "value_pbkd": value_pbkd, "value_mm": value_mm, "value_zjj": value_zjj, "covered": covered,
             "bound_design": bound_design, "max_gap": max_gap, "n_solves": n_solves,
             "cpu_s": time.process_time() - start}
 
@@ -214,6 +226,8 @@ def analyse_family(cfg: Config, family: str, rows: list[dict], rng: np.random.Ge
     values_mm = np.array([row["value_mm"] for row in rows])
     pessimism = (white_gap <= cfg.tol) | ~covered
     value_diff = np.abs(values_pbkd - values_mm)
+    values_zjj = np.array([row["value_zjj"] for row in rows])
+    zjj_gap = results["methods"]["zjj_pessimistic_mle"]["teacher_gap"]["per_seed"]
     checks = {
         "pbkd_subopt_below_bound": below_bound_check(
             white_subopt, bound_design, delta=cfg.delta, what="white-box PbKD SubOpt <= Theorem 1.1 bound (seed's C_N)"),
@@ -226,6 +240,14 @@ def analyse_family(cfg: Config, family: str, rows: list[dict], rng: np.random.Ge
             "what": "MM PbKD with psi = teacher successor features has phi_Q = phi: same min-max value as "
                     "white-box PbKD (within 10 tol)",
             "max_value_difference": float(value_diff.max())},
+        "zjj_value_at_least_pbkd": {
+            "passed": bool(np.all(values_zjj >= values_pbkd - 2 * cfg.tol)),
+            "what": "the ellipsoid contains C(D), so its min-max value is >= white-box PbKD's (within 2 tol)",
+            "min_difference": float((values_zjj - values_pbkd).min())},
+        "zjj_pessimism_beats_teacher": {
+            "passed": bool(((zjj_gap <= cfg.tol) | ~covered).all()),
+            "what": "on theta* in C (so in the ellipsoid): J(pi_ZJJ) >= J(pi_E) - tol",
+            "max_teacher_gap": float(zjj_gap.max())},
         "solver_certified": {
             "passed": bool(max(row["max_gap"] for row in rows) <= cfg.tol),
             "what": "every min-max solve certified (gap <= tol)",
@@ -248,6 +270,7 @@ STYLE = {
     "ball_moment_matching": ("C7", "x", "--"),
     "ball_moment_matching_black_box": ("C8", "+", "--"),
     "mle_plugin": ("C3", "*", "-."),
+    "zjj_pessimistic_mle": ("C9", "P", "-"),
 }
 
 
