@@ -131,6 +131,16 @@ def seed_job(job: tuple) -> dict:
                       np.random.default_rng([seed, 4]), B=cfg.B, student=student, delta=cfg.delta / 2,
                       L_x=cfg.L_x, tol=cfg.tol)
     t = np.arange(1, int(grid[-1]) + 1)
+    # Round t's solve used C_{t-1} (C_0 = the ball, which holds theta* by (A1)). On theta* in C_{t-1}:
+    # optimistic: index_t = max_{pi, theta in C} theta^T (v_pi - v_E) >= theta*^T (v* - v_E);
+    # pessimistic: value_t = max_{theta in C} theta^T (v_hat_E - v_pi_t) >= theta*^T (v_hat_E - v_pi_t).
+    in_previous = np.concatenate([[True], res.covered[:-1]])
+    if student == "optimistic":
+        floor = np.full(len(t), res.J_ref - float(res.theta_star @ res.v_E))
+    else:
+        v_hat_E = np.cumsum(res.teacher_features, axis=0) / t[:, None]
+        floor = np.einsum("td,d->t", v_hat_E - res.v_students, res.theta_star)
+    violated = in_previous & (res.values < floor - cfg.tol)
     potential_bound = bounds.elliptical_potential_bound(t, d=inst.mdp.d, L_x=cfg.L_x, lam=res.lam)
     return {
         "regret": res.cumulative_regret[grid - 1],
@@ -139,6 +149,9 @@ def seed_job(job: tuple) -> dict:
         "first_uncovered_round": int(np.argmin(res.covered)) + 1 if not res.all_covered else None,
         "max_certificate_gap": res.max_certificate_gap,
         "uncertified_rounds": int(sum(status != "optimal" for status in res.statuses)),
+        "inequality_rounds": int(in_previous.sum()),
+        "inequality_violations": int(violated.sum()),
+        "inequality_min_slack": float((res.values - floor)[in_previous].min()),
         "potential": res.cumulative_potential[grid - 1],
         "potential_below_lemma_4": bool(np.all(res.cumulative_potential <= potential_bound + 1e-9)),
         # V_{t+1} - V_t = x_t x_t^T >= 0 (Loewner order); x_t = 0 when both trajectories coincide.
@@ -195,6 +208,14 @@ def analyse_student(cfg: Config, student: str, rows: list[dict], rng: np.random.
         "passed": bool(all(row["potential_below_lemma_4"] and row["V_increasing"] for row in rows)),
         "what": f"{label}: Lemma 4, sum_t min(1, ||x_t||^2_(V_t^-1)) <= 2 d log(1 + t L_x^2 / (d lam)) for every t, "
                 "V_t positive definite and nondecreasing (Loewner order)", "seeds": len(rows)}
+    what = ("index_t >= theta*^T (v* - v_E) (optimism)" if student == "optimistic"
+            else "value_t >= theta*^T (v_hat_E - v_pi_t) (pessimism)")
+    checks["optimism_inequality" if student == "optimistic" else "pessimism_inequality"] = {
+        "passed": bool(all(row["inequality_violations"] == 0 for row in rows)),
+        "what": f"{label}: on every round t with theta* in C_(t-1), {what}, within tol",
+        "rounds_checked": int(sum(row["inequality_rounds"] for row in rows)),
+        "violations": int(sum(row["inequality_violations"] for row in rows)),
+        "min_slack": float(min(row["inequality_min_slack"] for row in rows))}
     gaps = [row["max_certificate_gap"] for row in rows]
     checks["solver_certified"] = {
         "passed": bool(max(gaps) <= cfg.tol and all(row["uncertified_rounds"] == 0 for row in rows)),

@@ -289,6 +289,24 @@ def test_an_online_student_that_ignores_its_data_fails_the_regret_checks(tmp_pat
     assert "optimistic/regret_over_rate_not_growing" in _failed(record), record["checks"]
 
 
+def test_an_optimistic_index_below_the_true_gap_fails_the_optimism_inequality(tmp_path, monkeypatch):
+    """An oracle that under-reports its index by 0.5 (more than theta*^T (v* - v_E) allows on the
+    rounds where theta* is in C_(t-1)) fails the optimism check, and the pessimistic one stays passed."""
+    import dataclasses
+
+    import pbkd_ref.online as online
+
+    honest = online.optimistic_student
+
+    def under_reports(*args, **kwargs):
+        choice = honest(*args, **kwargs)
+        return dataclasses.replace(choice, value=choice.value - 0.5)
+
+    monkeypatch.setattr(online, "optimistic_student", under_reports)
+    failed = _failed(_quick_record(regret, tmp_path))
+    assert "optimistic/optimism_inequality" in failed and "pessimistic/pessimism_inequality" not in failed
+
+
 # ----------------------------------------------------------------------------- protocol helpers
 
 
