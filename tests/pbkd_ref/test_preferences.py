@@ -136,6 +136,18 @@ def test_reward_difference_bounded_by_tv(B, r):
     assert abs(delta - delta_star) <= kappa * tv * (1 + 1e-9) + 1e-15
 
 
+def test_kappa_has_one_normalisation_kappa_tv_of_the_reward_bound_is_one_over_the_sets_gamma():
+    """theory/STATEMENTS.md: kappa = 1 / gamma = 1 / sigma'(B L_x). kappa_tv takes the reward bound
+    R = B L (|r(tau)| <= R) and the likelihood set's gamma the bound B and L_x = 2 L, so the two agree."""
+    from pbkd_ref.confidence import LikelihoodSet
+    from pbkd_ref.preferences import aggregate
+
+    for B, L in ((0.5, 1.0), (1.0, 1.0), (2.0, 0.7)):
+        X = np.array([[2 * L, 0.0], [0.0, L]])  # the largest ||x|| is L_x = 2 L
+        cset = LikelihoodSet(aggregate(X, np.array([1, 0])), B, 1.0)
+        assert kappa_tv(B * L) == pytest.approx(1.0 / cset.gamma, rel=1e-12)
+
+
 def test_reward_difference_tv_constant_is_tight():
     """kappa cannot be smaller: at Delta, Delta* -> 2B the ratio |Delta - Delta*| / TV tends to kappa."""
     for B in (0.3, 1.0, 2.5):
