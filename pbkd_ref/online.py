@@ -9,7 +9,7 @@ Algorithm 2, round ``t = 1..T`` (``C_0`` is the ball ``{||theta|| <= B}``):
     5. theta_hat_t = argmin_{||theta|| <= B} NLL_t,   C_t = {||theta|| <= B, NLL_t(theta) <= NLL_t(theta_hat_t) + zeta_t}
        with the anytime radius zeta_t = 1 + d log(1 + 2 B L_x t) + log(t (t+1) / delta) (Lemma 3).
 
-Two students, both named:
+Two students, both named, and a baseline:
 
 - ``pessimistic``: ``pi_t = argmin_pi max_{theta in C_{t-1}} theta^T (v_hat_E - v_pi)`` (the min-max of
   Algorithm 1, ``pbkd_ref.solvers.solve``, warm-started from the previous round's solution) with
@@ -25,6 +25,9 @@ Two students, both named:
   candidates with certified upper bounds) and otherwise runs an alternating best-response oracle
   (plan for ``theta``; ``theta = argmax_{C} theta^T (v_pi - v_E)``; repeat) from several restarts,
   a local method.  The result records which oracle ran.
+- ``greedy`` (the plug-in baseline, no confidence set): ``pi_t = argmax_pi J(pi, theta_hat_{t-1})``,
+  exact planning for the last MLE (``theta_hat_0 = 0``: the lowest-index actions); regret against
+  ``pi*`` as for the optimistic student. It explores only through the teacher's own trajectories.
 
 Bookkeeping (Lemma 4): ``V_t = lam I + sum_{s<t} x_s x_s^T`` (``lam = L_x^2`` by default), the
 potentials ``min(1, ||x_t||^2_{V_t^{-1}})`` and their running sum, to be compared with
@@ -59,7 +62,7 @@ from pbkd_ref.mle import fit_mle
 from pbkd_ref.preferences import aggregate, label_probability
 from pbkd_ref.solvers import METHODS, MinMaxResult, _support, solve
 
-STUDENTS = ("pessimistic", "optimistic")
+STUDENTS = ("pessimistic", "optimistic", "greedy")
 ORACLES = ("auto", "enumeration", "alternating")
 V_E_SOURCES = ("estimated", "exact")
 
@@ -405,10 +408,11 @@ class OnlineResult:
     """Per-round record of one run of Algorithm 2 (arrays indexed by round ``t - 1``, ``t = 1..T``).
 
     ``values[t-1]``/``thetas[t-1]``/``certificate_gaps[t-1]``: the solve that chose ``pi_t`` (from
-    ``C_{t-1}``): the min-max value (pessimistic) or the optimistic index.  ``zeta``,
+    ``C_{t-1}``): the min-max value (pessimistic), the optimistic index, or the greedy student's
+    ``theta^T (v_pi - v_E)`` at ``theta = theta_hat_{t-1}``.  ``zeta``,
     ``theta_hat``, ``covered`` describe ``C_t`` built after round ``t``.  Regret is exact:
     ``instantaneous_regret[t-1] = J(pi_ref, theta*) - J(pi_t, theta*)`` with ``pi_ref = pi_E``
-    (pessimistic) or ``pi*`` (optimistic).
+    (pessimistic) or ``pi*`` (optimistic, greedy).
     """
 
     student: str
@@ -573,7 +577,7 @@ def online_pbkd(mdp: MDP, pi_E, theta_star, T: int, rng: np.random.Generator, *,
     v_ref = feature_expectation(mdp, pi_ref)
     J_ref = float(theta_star @ v_ref)
     candidates = None
-    if student == "optimistic" and oracle in ("auto", "enumeration"):
+    if student == "optimistic" and oracle in ("auto", "enumeration"):  # the greedy student plans exactly
         try:
             candidates = deterministic_policies(mdp, max_policies)
         except ValueError:
@@ -618,6 +622,12 @@ def online_pbkd(mdp: MDP, pi_E, theta_star, T: int, rng: np.random.Generator, *,
             statuses.append(solved.status)
             oracle_names.add(f"min-max {solved.solver}")
             previous_solve = solved
+        elif student == "greedy":
+            thetas[i] = theta_hat[i - 1] if i > 0 else np.zeros(d)
+            policy, V = plan(mdp, rewards(mdp, thetas[i]))
+            values[i], gaps[i] = float(mdp.rho @ V[0]) - float(thetas[i] @ v_E), 0.0
+            statuses.append("optimal")
+            oracle_names.add("greedy plug-in: exact planning for theta_hat_(t-1)")
         else:
             if candidates is not None:
                 choice = optimistic_student(mdp, v_E, cset, oracle="enumeration", candidates=candidates,

@@ -142,7 +142,14 @@ def seed_job(job: tuple) -> dict:
         floor = np.einsum("td,d->t", v_hat_E - res.v_students, res.theta_star)
     violated = in_previous & (res.values < floor - cfg.tol)
     potential_bound = bounds.elliptical_potential_bound(t, d=inst.mdp.d, L_x=cfg.L_x, lam=res.lam)
+    greedy = {}
+    if student == "optimistic":  # the plug-in baseline on the same instance and data stream
+        baseline = online_pbkd(inst.mdp, _teacher(cfg, student, inst), inst.theta_star, int(grid[-1]),
+                               np.random.default_rng([seed, 4]), B=cfg.B, student="greedy", delta=cfg.delta / 2,
+                               L_x=cfg.L_x, tol=cfg.tol)
+        greedy = {"greedy_regret": baseline.cumulative_regret[grid - 1]}
     return {
+        **greedy,
         "regret": res.cumulative_regret[grid - 1],
         "instantaneous_regret_last": float(res.instantaneous_regret[-1]),
         "all_covered": res.all_covered,
@@ -222,7 +229,15 @@ def analyse_student(cfg: Config, student: str, rows: list[dict], rng: np.random.
         "what": f"{label}: every round's solve certified (gap <= tol)", "max_certificate_gap": max(gaps),
         "tol": cfg.tol}
     potential = np.array([row["potential"] for row in rows])
+    if "greedy_regret" in rows[0]:
+        G = np.array([row["greedy_regret"] for row in rows])
+        g_mean, g_lo, g_hi = bootstrap_band(G, rng=rng, n_boot=cfg.n_boot)
+        greedy = {"greedy_plug_in": {"label": "greedy plug-in (argmax J(pi, theta_hat_(t-1)), no confidence set)",
+                                     "per_seed": G, "mean": g_mean, "band_lo": g_lo, "band_hi": g_hi}}
+    else:
+        greedy = {}
     results = {
+        **greedy,
         "label": label,
         "setup": cfg.setups[student],
         "instance": inst.to_json(),
@@ -273,6 +288,10 @@ def plot(record: dict, path) -> None:
         bound = np.asarray(res["bound"])
         capped = np.asarray(res["bound_is_trivial_cap"], dtype=bool)
         ax.plot(grid, bound, "k--", label="Theorem 2 bound" + (" (= trivial T B L_x where flat-topped)" if capped.any() else ""))
+        if "greedy_plug_in" in res:
+            g = res["greedy_plug_in"]
+            plot_band(ax, grid, g["mean"], g["band_lo"], g["band_hi"], label="greedy plug-in baseline, seed mean",
+                      color="C1", positive_only=True)
         fit = res["fit"]
         if fit["slope"] is not None:
             used = np.asarray(fit["used"], dtype=bool)

@@ -156,6 +156,23 @@ def test_theorem_2_per_round_inequalities(runs):
     assert np.all(optimistic.instantaneous_regret[covered_before] <= optimism[covered_before] + 1e-7)
 
 
+def test_greedy_plug_in_plays_the_plan_of_the_previous_mle(instance):
+    """The greedy baseline's pi_t is the optimal deterministic policy for theta_hat_{t-1} (theta_hat_0 = 0),
+    its regret is against pi*, and it keeps no confidence set (every round 'optimal', exact planning).
+    A student one round late (theta_hat_t) or planning for theta* would fail the first check."""
+    mdp, theta_star, pi_E = instance
+    result = online_pbkd(mdp, pi_E, theta_star, 20, np.random.default_rng(7), B=B, student="greedy")
+    assert result.student == "greedy" and result.oracle.startswith("greedy plug-in")
+    pi_star, _ = plan(mdp, rewards(mdp, theta_star))
+    assert result.J_ref == pytest.approx(value(mdp, pi_star, theta_star), abs=1e-12)
+    for t in range(1, 21):
+        theta = result.theta_hat[t - 2] if t > 1 else np.zeros(mdp.d)
+        np.testing.assert_array_equal(result.thetas[t - 1], theta)
+        policy, _ = plan(mdp, rewards(mdp, theta))
+        np.testing.assert_allclose(result.v_students[t - 1], feature_expectation(mdp, policy), atol=1e-12)
+    assert result.statuses == ["optimal"] * 20 and np.all(result.instantaneous_regret >= -1e-12)
+
+
 def test_optimistic_enumeration_is_exact(instance):
     """Branch and bound returns the maximum of sigma_C(v_pi - v_E) over every deterministic policy (brute force)."""
     mdp, theta_star, pi_E = instance
@@ -265,7 +282,7 @@ def test_bad_input_raises_value_error(instance):
     mdp, theta_star, pi_E = instance
     rng = np.random.default_rng(0)
     with pytest.raises(ValueError, match="student"):
-        online_pbkd(mdp, pi_E, theta_star, 3, rng, B=B, student="greedy")
+        online_pbkd(mdp, pi_E, theta_star, 3, rng, B=B, student="random")
     with pytest.raises(ValueError, match="realisability"):
         online_pbkd(mdp, pi_E, theta_star, 3, rng, B=1.0)
     with pytest.raises(ValueError, match="exact v_E"):

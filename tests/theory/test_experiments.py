@@ -186,6 +186,9 @@ def test_regret_recomputed(quick_runs):
         np.testing.assert_allclose(ratio, R / np.asarray(res["rate"]), rtol=1e-12)
         fit = res["regret_over_rate"]["fit"]
         assert fit["slope"] is not None and fit["ci"][1] <= 0.0
+        if student == "optimistic":  # the greedy plug-in baseline, against pi* on the same data stream
+            G = _mean_band(res["greedy_plug_in"], K, grid.size)
+            assert np.all(G >= -1e-9) and np.all(np.diff(G, axis=1) >= -1e-9)
         potential = np.asarray(res["elliptical_potential"]["mean"])
         assert np.all(potential <= np.asarray(res["elliptical_potential"]["lemma_4_bound"]) + 1e-9)
 
