@@ -25,9 +25,10 @@ import numpy as np
 import pytest
 from scipy.stats import beta, chi2
 
-from theory import bound_vs_n, common, coverage, methods, regret
+from theory import bound_vs_n, common, coverage, methods, misspecification, regret
 
-MODULES = {"bound_vs_n": bound_vs_n, "coverage": coverage, "regret": regret, "methods": methods}
+MODULES = {"bound_vs_n": bound_vs_n, "coverage": coverage, "regret": regret, "methods": methods,
+           "misspecification": misspecification}
 
 
 @pytest.fixture(scope="module")
@@ -210,6 +211,34 @@ def test_methods_recomputed(quick_runs):
         assert check["max_value_difference"] <= 10 * record["solver"]["tol"]
         ball = np.asarray(res["methods"]["ball_moment_matching"]["subopt"]["per_seed"])
         assert np.ptp(ball) <= 1e-9  # uses no data
+
+
+def test_misspecification_recomputed(quick_runs):
+    """The exact trajectory law behind theta_KL: its probabilities sum to 1 and its mean feature is
+    feature_expectation(pi) (a dropped or double-counted branch fails here); the control's
+    projection is theta*; projections under misspecification move off theta*, and the one with
+    ||theta*|| > B lies on the sphere of radius B."""
+    from pbkd_ref.mdp import feature_expectation, trajectory_features
+
+    record = quick_runs[1]["misspecification"]
+    cfg = misspecification.Config()
+    inst = common.config_instance(cfg, "random")
+    for pi in (inst.pi_E, inst.pi_ref):
+        prob, states, actions = misspecification.trajectory_law(inst.mdp, pi)
+        assert prob.sum() == pytest.approx(1.0, abs=1e-12) and np.all(prob > 0)
+        np.testing.assert_allclose(prob @ trajectory_features(inst.mdp, states, actions),
+                                   feature_expectation(inst.mdp, pi), atol=1e-12)
+    res = record["results"]
+    assert res["well_specified"]["kl_distance_to_theta_star"] <= 1e-5
+    for variant in ("outside_span", "probit", "label_flips", "norm_above_B"):
+        assert res[variant]["kl_distance_to_theta_star"] > 0.05, variant
+    assert res["norm_above_B"]["kl_norm"] == pytest.approx(record["B"], abs=1e-6)
+    star = res["norm_above_B"]["coverage_of_theta_star"]["bracketing"]["frequency"]
+    assert max(star) == 0.0  # theta* outside the ball is never in C(D)
+    for variant, entry in res.items():
+        for kind in misspecification.KINDS:
+            counts = np.asarray(entry["coverage_of_theta_kl"][kind]["count"])
+            np.testing.assert_allclose(entry["coverage_of_theta_kl"][kind]["frequency"], counts / record["n_seeds"])
 
 
 # ----------------------------------------------------------------------------- planted faults
