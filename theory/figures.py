@@ -15,7 +15,7 @@ from pathlib import Path
 from pbkd_ref.cli import ArgumentParser
 from theory.common import FIGURES_DIR, QUICK_DIR, RunConfig, Stopwatch, default_workers, output_dir
 
-EXPERIMENTS = ("bound_vs_n", "coverage", "regret", "methods", "misspecification")
+EXPERIMENTS = ("bound_vs_n", "coverage", "regret", "methods", "misspecification", "lower_bound")
 
 
 def main(argv=None) -> dict:

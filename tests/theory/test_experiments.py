@@ -25,10 +25,10 @@ import numpy as np
 import pytest
 from scipy.stats import beta, chi2
 
-from theory import bound_vs_n, common, coverage, methods, misspecification, regret
+from theory import bound_vs_n, common, coverage, lower_bound, methods, misspecification, regret
 
 MODULES = {"bound_vs_n": bound_vs_n, "coverage": coverage, "regret": regret, "methods": methods,
-           "misspecification": misspecification}
+           "misspecification": misspecification, "lower_bound": lower_bound}
 
 
 @pytest.fixture(scope="module")
@@ -337,6 +337,47 @@ def test_an_optimistic_index_below_the_true_gap_fails_the_optimism_inequality(tm
     monkeypatch.setattr(online, "optimistic_student", under_reports)
     failed = _failed(_quick_record(regret, tmp_path))
     assert "optimistic/optimism_inequality" in failed and "pessimistic/pessimism_inequality" not in failed
+
+
+def test_lower_bound_recomputed(quick_runs):
+    """LB_N from its closed form at the recorded eps; the measured maximum is eps L (pessimism copies
+    the uniform teacher while 0 is in C), within a factor 2 sqrt(e) of LB_N at the maximiser."""
+    from scipy.special import expit
+
+    record = quick_runs[1]["lower_bound"]
+    res, L = record["results"], record["config"]["L"]
+    grid = np.asarray(record["grid"]["bandit"], dtype=float)
+    eps = np.asarray(res["eps"])
+    kl = 0.5 * (2 * expit(2 * L * eps) - 1) * 2 * L * eps
+    np.testing.assert_allclose(res["le_cam_bound"], 0.5 * eps * L * np.exp(-grid * kl), rtol=1e-12)
+    per_seed = np.stack([np.asarray(res["subopt"][s]["per_seed"]) for s in ("plus", "minus")], axis=1)
+    np.testing.assert_allclose(res["max_mean_subopt"]["mean"], per_seed.mean(axis=0).max(axis=0), rtol=1e-12)
+    assert np.all(per_seed >= -1e-12) and np.all(per_seed <= 2 * eps * L + 1e-12)
+    assert np.all(np.asarray(res["measured_over_lower"]) <= 2 * np.sqrt(np.e) * 1.01)
+
+
+def test_a_student_that_reads_theta_star_fails_the_le_cam_check(tmp_path, monkeypatch):
+    """A student that plays the optimal action of the true theta has SubOpt 0, below what any student
+    can reach in expectation: the Le Cam check must fail."""
+    import dataclasses
+
+    import pbkd_ref.offline as offline
+    import pbkd_ref.preferences as preferences
+    from pbkd_ref.mdp import plan, rewards
+
+    seen = {}
+    honest_sample, honest_solve = preferences.sample_preferences, offline.offline_pbkd
+
+    def sample(mdp, pi_E, pi_ref, theta_star, N, rng):
+        seen["theta"] = np.asarray(theta_star)
+        return honest_sample(mdp, pi_E, pi_ref, theta_star, N, rng)
+
+    def cheats(mdp, data, **kw):
+        return dataclasses.replace(honest_solve(mdp, data, **kw), policy=plan(mdp, rewards(mdp, seen["theta"]))[0])
+
+    monkeypatch.setattr(preferences, "sample_preferences", sample)
+    monkeypatch.setattr(offline, "offline_pbkd", cheats)
+    assert "measured_above_lower_bound" in _failed(_quick_record(lower_bound, tmp_path))
 
 
 # ----------------------------------------------------------------------------- protocol helpers
