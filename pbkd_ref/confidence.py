@@ -825,7 +825,7 @@ class EllipsoidSet:
             lower = float(v @ theta)
             if upper - lower <= target:
                 return SupportResult(upper, theta, lower, upper, float(x[0]), float(x[1]), steps, "dual")
-            step = np.linalg.solve(hessian(*x) + 1e-300 * np.eye(2), grad)
+            step = np.linalg.lstsq(hessian(*x), grad, rcond=None)[0]  # a singular Hessian gives the least-squares step
             t = 1.0
             # merit: the constraint residuals (the dual's gradient), which Newton drives to 0
             while t > 1e-12 and (np.any(x - t * step <= 0)
