@@ -172,6 +172,8 @@ def seed_job(job: tuple) -> dict:
 
 
 def analyse_student(cfg: Config, student: str, rows: list[dict], rng: np.random.Generator) -> tuple[dict, dict]:
+    from pbkd_ref.mdp import plan, rewards, value
+
     inst = _instance(cfg, student)
     grid = _grid(cfg, student)
     R = np.array([row["regret"] for row in rows])
@@ -181,6 +183,10 @@ def analyse_student(cfg: Config, student: str, rows: list[dict], rng: np.random.
         bound = bounds.pessimistic_regret_bound(grid, B=cfg.B, L_x=cfg.L_x, delta=cfg.delta)
     trivial = grid * cfg.B * cfg.L_x
     capped = bound >= trivial * (1 - 1e-12)
+    # The instance's own trivial bound: every round's regret is at most J_ref - min_pi J(pi).
+    worst, _ = plan(inst.mdp, rewards(inst.mdp, -np.asarray(inst.theta_star)))
+    J_ref = inst.J(inst.v_star)  # both references are optimal here (pi* and the teacher pi_E = pi*)
+    trivial_instance = grid * (J_ref - value(inst.mdp, worst, inst.theta_star))
     rate_T = rate(student, grid, cfg.delta)
     mean, lo, hi = bootstrap_band(R, rng=rng, n_boot=cfg.n_boot)
     fit = fit_loglog_slope(grid, R, rng=rng, n_boot=cfg.n_boot)
@@ -248,6 +254,8 @@ def analyse_student(cfg: Config, student: str, rows: list[dict], rng: np.random.
         "bound": bound,
         "bound_is_trivial_cap": capped,
         "trivial_bound_T_B_L_x": trivial,
+        "trivial_bound_instance": {"value": trivial_instance, "what": "T (J_ref - min_pi J(pi))"},
+        "n_bound_below_trivial": int((bound < trivial_instance).sum()),
         "bound_curve_slope_on_fit_points": bound_slope,
         "local_slope_bound": [_local_slope(student, inst, cfg, int(T)) for T in grid],
         "rate": rate_T,
@@ -288,6 +296,8 @@ def plot(record: dict, path) -> None:
         bound = np.asarray(res["bound"])
         capped = np.asarray(res["bound_is_trivial_cap"], dtype=bool)
         ax.plot(grid, bound, "k--", label="Theorem 2 bound" + (" (= trivial T B L_x where flat-topped)" if capped.any() else ""))
+        ax.plot(grid, res["trivial_bound_instance"]["value"], color="C7", ls="-.", lw=1,
+                label="trivial bound T (J* - min J)")
         if "greedy_plug_in" in res:
             g = res["greedy_plug_in"]
             plot_band(ax, grid, g["mean"], g["band_lo"], g["band_hi"], label="greedy plug-in baseline, seed mean",

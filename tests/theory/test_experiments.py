@@ -183,6 +183,11 @@ def test_regret_recomputed(quick_runs):
         # pessimistic one), so every per-round regret is >= 0 and R_T is nondecreasing
         assert np.all(R >= -1e-9) and np.all(np.diff(R, axis=1) >= -1e-9)
         assert np.all((R <= np.asarray(res["bound"])).mean(axis=0) >= 1 - delta)
+        # the instance's trivial bound T (J_ref - min_pi J) holds for every seed (per-round regret is at most it)
+        trivial = np.asarray(res["trivial_bound_instance"]["value"])
+        assert np.all(R <= trivial + 1e-9)
+        np.testing.assert_allclose(trivial / grid, trivial[0] / grid[0], rtol=1e-12)
+        assert res["n_bound_below_trivial"] == int((np.asarray(res["bound"]) < trivial).sum())
         ratio = np.asarray(res["regret_over_rate"]["per_seed"])
         np.testing.assert_allclose(ratio, R / np.asarray(res["rate"]), rtol=1e-12)
         fit = res["regret_over_rate"]["fit"]
