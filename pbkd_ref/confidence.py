@@ -785,16 +785,15 @@ class EllipsoidSet:
     def _unit_support(self, v: np.ndarray, rtol: float) -> SupportResult:
         from scipy.optimize import minimize
 
-        norm_v = 1.0
         Mv = self._U @ ((self._U.T @ v) / self._eig)  # M^-1 v
         scale = float(np.sqrt(v @ Mv))
         theta_e = self.center + np.sqrt(self.radius2) * Mv / scale if np.isfinite(self.radius2) else None
         if theta_e is not None and np.linalg.norm(theta_e) <= self.B:  # the ellipsoid alone binds
             value = float(v @ theta_e)
             return SupportResult(value, theta_e, value, value, 0.0, 0.0, 0, "ellipsoid")
-        theta_b = self.B * v / norm_v
+        theta_b = self.B * v  # v is a unit vector here
         if self._quad(theta_b) <= self.radius2:  # the ball alone binds
-            value = self.B * norm_v
+            value = self.B
             return SupportResult(value, theta_b, value, value, 0.0, 0.0, 0, "ball")
         Uv, Uc = self._U.T @ v, self._U.T @ (self.M @ self.center)
 
@@ -815,10 +814,10 @@ class EllipsoidSet:
             return -np.array([[grad_g1 @ d_alpha, grad_g1 @ d_beta], [grad_g2 @ d_alpha, grad_g2 @ d_beta]])
 
         # Both constraints bind: L-BFGS-B to the neighbourhood, then damped Newton on the convex dual.
-        x0 = np.array([norm_v / (2 * np.sqrt(self.radius2) * np.sqrt(self._eig.max())), norm_v / (2 * self.B)])
+        x0 = np.array([1 / (2 * np.sqrt(self.radius2) * np.sqrt(self._eig.max())), 1 / (2 * self.B)])
         x = minimize(dual, x0, jac=True, method="L-BFGS-B", bounds=[(1e-14, None), (0.0, None)],
                      options={"ftol": 1e-15, "gtol": 1e-13, "maxiter": 2000}).x
-        target = rtol * self.B * norm_v
+        target = rtol * self.B
         for steps in range(60):
             upper, grad = dual(x)
             theta = self._shrunk(primal(*x))

@@ -233,11 +233,12 @@ def analyse_family(cfg: Config, raw: dict, rng: np.random.Generator) -> tuple[di
     uncapped_teacher = raw["bound_teacher"] < cap
     why = "the population bound curve is below its trivial cap B L_x (elsewhere it is flat and has no rate)"
     informative_width = raw["bound_population"] < trivial["width"]["value"]
+    informative_why = "the population bound is below the width's trivial bound 2 B ||u||"
     estimands = {
         "subopt": ("SubOpt_N (estimand 1)", raw["bound_population"], uncapped, why),
         "teacher_gap": ("black-box teacher gap (estimand 2)", raw["bound_teacher"], uncapped_teacher, why),
         "width": ("confidence width w_N(v_E - v*) (estimand 3)", raw["bound_population"], informative_width,
-                  "the population bound is below the width's trivial bound 2 B ||u||"),
+                  informative_why),
     }
     has_teacher_gap = "teacher_gap" in raw
     if not has_teacher_gap:
@@ -261,16 +262,15 @@ def analyse_family(cfg: Config, raw: dict, rng: np.random.Generator) -> tuple[di
     # Two-sided checks on the width, where its bound is informative: the bound and the width share
     # sqrt(zeta_N / N), so their ratio is flat; under the constant chi2 radius the width is exactly
     # of order N^(-1/2).
-    reason = "the population bound is below the width's trivial bound 2 B ||u||"
     ratio = raw["width"] / raw["bound_population"]
     ratio_fit = fit_loglog_slope(grid, ratio, rng=rng, n_boot=cfg.n_boot, restrict=informative_width,
-                                 restrict_reason=reason)
+                                 restrict_reason=informative_why)
     r_mean, r_lo, r_hi = bootstrap_band(ratio, rng=rng, n_boot=cfg.n_boot)
     results["width_over_bound"] = {"per_seed": ratio, "mean": r_mean, "band_lo": r_lo, "band_hi": r_hi, "fit": ratio_fit}
     checks["width_over_bound_flat"] = two_sided_slope_check(
         ratio_fit, 0.0, what="w_N(u) / Theorem 1.3 bound (C_pop) is flat: its log-log slope CI contains 0")
     chi2_fit = fit_loglog_slope(grid, raw["width_chi2"], rng=rng, n_boot=cfg.n_boot, restrict=informative_width,
-                                restrict_reason=reason)
+                                restrict_reason=informative_why)
     c_mean, c_lo, c_hi = bootstrap_band(raw["width_chi2"], rng=rng, n_boot=cfg.n_boot)
     results["width_chi2"] = {"label": "width under the chi2 radius", "per_seed": raw["width_chi2"], "mean": c_mean,
                              "band_lo": c_lo, "band_hi": c_hi, "fit": chi2_fit}

@@ -109,14 +109,13 @@ def seed_job(job: tuple) -> dict:
     from pbkd_ref.preferences import sample_preferences
     from theory.concentrability import sample_coefficient
 
-    cfg, seed = job
+    cfg, seed, eps_grid = job
     start = time.process_time()
     mdp, uniform = bandit(cfg.L)
     grid = geometric_grid(cfg.N_min, cfg.N_max, cfg.n_grid)
     subopt, upper = np.zeros((2, len(grid))), np.zeros((2, len(grid)))
     gap = 0.0
-    for j, N in enumerate(grid):
-        _, eps = le_cam_bound(float(N), cfg.L, cfg.B)
+    for j, (N, eps) in enumerate(zip(grid, eps_grid)):
         for k, sign in enumerate((1.0, -1.0)):
             theta = np.array([sign * eps])
             data = sample_preferences(mdp, uniform, uniform, theta, int(N), np.random.default_rng([seed, j, k]))
@@ -157,12 +156,12 @@ def run(config: RunConfig, cfg: Config | None = None) -> dict:
     watch = Stopwatch()
     seeds = seed_list(cfg.seed_base, config.n_seeds)
     grid = geometric_grid(cfg.N_min, cfg.N_max, cfg.n_grid)
+    lower, eps = np.array([le_cam_bound(float(N), cfg.L, cfg.B) for N in grid]).T  # the family at each N, once
     with progress_bar(len(seeds), desc=NAME, enabled=config.progress) as bar:
-        rows = run_jobs(seed_job, [(cfg, seed) for seed in seeds], workers=config.workers, bar=bar)
+        rows = run_jobs(seed_job, [(cfg, seed, eps) for seed in seeds], workers=config.workers, bar=bar)
     rng = np.random.default_rng(cfg.seed_base)
     subopt = np.array([row["subopt"] for row in rows])  # (K, 2, P)
     upper = np.array([row["upper"] for row in rows])
-    lower, eps = np.array([le_cam_bound(float(N), cfg.L, cfg.B) for N in grid]).T
     # The bootstrap resamples seeds; each resample's statistic is the max over the two points of its means.
     idx = rng.integers(0, len(rows), size=(cfg.n_boot, len(rows)))
     boot = subopt[idx].mean(axis=1).max(axis=1)  # (n_boot, P)

@@ -115,14 +115,17 @@ def extra_feature(cfg: Config, family: str, mdp) -> np.ndarray:
     return rng.uniform(-1.0, 1.0, size=(mdp.H, mdp.S, mdp.A)) * cfg.L / mdp.H
 
 
+def labels_theta(cfg: Config, variant: str, inst) -> np.ndarray:
+    """The `theta*` the labels are drawn under: rescaled to norm `norm_factor B` for `norm_above_B`."""
+    theta = np.asarray(inst.theta_star)
+    return theta * cfg.norm_factor * cfg.B / np.linalg.norm(theta) if variant == "norm_above_B" else theta
+
+
 def true_reward(cfg: Config, variant: str, inst, g: np.ndarray, states, actions) -> np.ndarray:
     """The labels' reward `r(tau)` of a variant (the link is applied to `r(tau1) - r(tau0)`)."""
     from pbkd_ref.mdp import trajectory_features
 
-    theta = np.asarray(inst.theta_star)
-    if variant == "norm_above_B":
-        theta = theta * cfg.norm_factor * cfg.B / np.linalg.norm(theta)
-    r = trajectory_features(inst.mdp, states, actions) @ theta
+    r = trajectory_features(inst.mdp, states, actions) @ labels_theta(cfg, variant, inst)
     if variant == "outside_span":
         r = r + cfg.outside_span_scale * g[np.arange(inst.mdp.H)[None, :], states, actions].sum(axis=1)
     return r
@@ -176,6 +179,8 @@ def seed_job(job: tuple) -> dict:
     p = label_law(cfg, variant, true_reward(cfg, variant, inst, g, s1, a1) - true_reward(cfg, variant, inst, g, s0, a0))
     y = (rng.random(n) < p).astype(int)
     covered = {(target, kind): np.zeros(len(grid), dtype=bool) for target in ("kl", "star") for kind in KINDS}
+    star = labels_theta(cfg, variant, inst)
+    star_in_ball = bool(np.linalg.norm(star) <= cfg.B * (1 + 1e-12))
     mle_gap = 0.0
     for j, N in enumerate(grid):
         prefs = aggregate(X[:N], y[:N])
@@ -187,10 +192,7 @@ def seed_job(job: tuple) -> dict:
             zeta = radius(kind, N=prefs.N, d=mdp.d, B=cfg.B, L_x=prefs.L_x, delta=cfg.delta)
             cset = LikelihoodSet(prefs, cfg.B, zeta, theta_hat=fit.theta_hat)
             covered[("kl", kind)][j] = cset.contains(theta_kl)
-            star = np.asarray(inst.theta_star)
-            if variant == "norm_above_B":
-                star = star * cfg.norm_factor * cfg.B / np.linalg.norm(star)
-            covered[("star", kind)][j] = bool(np.linalg.norm(star) <= cfg.B * (1 + 1e-12)) and cset.contains(star)
+            covered[("star", kind)][j] = star_in_ball and cset.contains(star)
     return {"covered": covered, "mle_gap": mle_gap, "cpu_s": time.process_time() - start}
 
 
